@@ -1,0 +1,68 @@
+"""Access to ../shared/golden: reference logits of the public implementations (see its README)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("TR_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+GOLDEN = SHARED / "golden"
+IMAGENET_VAL = SHARED / "data" / "imagenet-val-1300"
+
+
+def manifest() -> dict:
+    path = GOLDEN / "manifest.json"
+    if not path.is_file():
+        return {"cases": [], "weights": {}}
+    return json.loads(path.read_text())
+
+
+def require_golden() -> dict:
+    if not (GOLDEN / "manifest.json").is_file():
+        pytest.skip(f"golden reference files not found at {GOLDEN} (set TR_SHARED_DIR to the shared folder)")
+    return manifest()
+
+
+def cases(method: str) -> list:
+    return [c for c in manifest()["cases"] if c["method"] == method]
+
+
+def case_ids(method: str) -> list:
+    return [c["id"] for c in cases(method)] or ["no-golden-cases"]
+
+
+def load_tensors(name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(GOLDEN / name))
+
+
+def case_state_dict(case: dict) -> dict:
+    m = manifest()
+    sd = {}
+    for key in case["weights"]:
+        sd.update(load_tensors(m["weights"][key]["file"]))
+    return sd
+
+
+def inputs() -> torch.Tensor:
+    return load_tensors(manifest()["input"]["file"])["images"]
+
+
+def check_case(case: dict, dtype: str, build) -> None:
+    """Build the case's model with `build(case)`, run it, and compare with the golden logits."""
+    golden = load_tensors(case["golden"]["file"])[case["golden"]["keys"][dtype]]
+    model = build(case).eval()
+    x = inputs()
+    if dtype == "float64":
+        model = model.double()
+        x = x.double()
+    with torch.no_grad():
+        out = model(x)
+    tol = (1e-4 if dtype == "float32" else 1e-8) * max(1.0, golden.abs().max().item())
+    diff = (out.to(golden.dtype) - golden).abs().max().item()
+    assert diff <= tol, f"{case['id']} {dtype}: max|diff| {diff:.3e} > {tol:.3e}"
+    assert torch.equal(out.argmax(-1), golden.argmax(-1)), f"{case['id']} {dtype}: argmax differs"
