@@ -1,0 +1,132 @@
+"""EViT: token reorganisation by CLS attention (Liang et al., ICLR 2022), as youweiliang/evit at 5ca95a7.
+
+At each reduction location (0-based blocks, default 3, 6, 9), between the attention residual and
+the MLP, the non-protected tokens are ranked by the head-averaged attention the CLS query pays to
+them. The top ``ceil(keep_rate * (N - 1))`` are kept in descending attention order (``torch.topk``
+sorted, as the reference); ``N - 1`` counts every non-CLS token, including a token fused at an earlier
+location. With ``fuse_token`` the inattentive rest is summed into one extra token weighted by its raw
+CLS attention (an UNNORMALISED weighted sum: the weights sum to less than 1, exactly as the
+reference code; the paper says "weighted average"), appended last. If the keep count equals the
+current count the location is a no-op (no fused token), as in the reference.
+
+Extensions beyond the reference, documented here:
+- Distilled DeiT (and any prefix token): the reference ranks the distillation token like a patch.
+  Here every prefix token (CLS, distillation, registers) is protected like CLS: only tokens after
+  them are ranked, by the CLS query's row, and ``N - 1`` becomes ``N - num_prefix_tokens``.
+- ``keep_rate`` may be one float for every location or a list with one rate per location (staged
+  schedules).
+- Only the CLS row of the attention is computed explicitly (``need="cls"``); the block output uses
+  the fused SDPA kernel. The CLS row is therefore taken before attention dropout (identical in eval
+  and whenever ``attn_drop`` is 0, as for every DeiT/ViT checkpoint).
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import List, Sequence, Union
+
+import torch
+
+from .base import (
+    AttentionRequest,
+    AttentionResult,
+    NO_REQUEST,
+    ReductionConfigError,
+    ReductionMethod,
+    TokenState,
+    register,
+)
+
+Tensor = torch.Tensor
+CLS_ROW = AttentionRequest(need="cls")
+
+
+def _check_rate(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 < float(value) <= 1.0):
+        raise ReductionConfigError(f"EViT {what} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def evit_keep_count(keep_rate: float, num_candidates: int) -> int:
+    """The reference's ``math.ceil(keep_rate * (N - 1))`` (same Python float arithmetic)."""
+    return math.ceil(keep_rate * num_candidates)
+
+
+@register
+class EViT(ReductionMethod):
+    name = "evit"
+    needs_class_token = True
+
+    def __init__(
+        self,
+        model,
+        keep_rate: Union[float, Sequence[float]] = 0.7,
+        locations: Sequence[int] = (3, 6, 9),
+        fuse_token: bool = True,
+        **unknown,
+    ):
+        if unknown:
+            raise ReductionConfigError(
+                f"EViT got unknown parameters {sorted(unknown)}; it takes keep_rate, locations, fuse_token"
+            )
+        self.depth = len(model.blocks)
+        if isinstance(locations, (int, str)) or not isinstance(locations, Sequence):
+            raise ReductionConfigError(f"EViT locations must be a list of block indices, got {locations!r}")
+        locs = list(locations)
+        for loc in locs:
+            if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < self.depth:
+                raise ReductionConfigError(
+                    f"EViT location {loc!r} is not a block index of this {self.depth}-block model; "
+                    f"use 0-based indices in [0, {self.depth - 1}] (e.g. [3, 6, 9] for 12 blocks)"
+                )
+        if len(set(locs)) != len(locs):
+            raise ReductionConfigError(f"EViT locations must not repeat a block, got {locs}")
+        if isinstance(keep_rate, Sequence) and not isinstance(keep_rate, str):
+            if len(keep_rate) != len(locs):
+                raise ReductionConfigError(
+                    f"EViT keep_rate list has {len(keep_rate)} entries but there are {len(locs)} locations "
+                    f"{locs}; give one keep rate per location or a single float"
+                )
+            rates = [_check_rate(k, f"keep_rate[{j}]") for j, k in enumerate(keep_rate)]
+        else:
+            rates = [_check_rate(keep_rate, "keep_rate")] * len(locs)
+        if not isinstance(fuse_token, bool):
+            raise ReductionConfigError(f"EViT fuse_token must be true or false, got {fuse_token!r}")
+        self.locations = locs
+        self.keep_rates = rates
+        self.fuse_token = fuse_token
+        # block index -> keep rate, only where something can be removed (rate 1 is a no-op, as the reference)
+        self.rate_at = {loc: k for loc, k in zip(locs, rates) if k < 1.0}
+
+    def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
+        return CLS_ROW if i in self.rate_at else NO_REQUEST
+
+    def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
+        keep_rate = self.rate_at.get(i)
+        if keep_rate is None:
+            return state
+        p = state.num_protected
+        candidates = state.num_tokens - p
+        left = evit_keep_count(keep_rate, candidates)
+        if left >= candidates:
+            return state
+        # CLS query row, averaged over heads, over the non-protected tokens: (B, N - p)
+        cls_attn = res.cls_attn[:, :, p:].mean(dim=1)
+        _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
+        if not self.fuse_token:
+            state.keep(idx)
+            return state
+        # Fused token: sum over the complement of (CLS attention * token), no normalisation.
+        dropped = torch.ones_like(cls_attn, dtype=torch.bool).scatter_(1, idx, False)
+        weights = cls_attn.masked_fill(~dropped, 0.0)
+        others = state.x[:, p:]
+        fused = (others * weights.unsqueeze(-1)).sum(dim=1, keepdim=True)
+        fused_source = None
+        if state.source is not None:
+            # the fused token stands for every patch any of its members stood for
+            fused_source = state.source[:, p:].masked_fill(~dropped.unsqueeze(-1), 0).amax(dim=1, keepdim=True)
+        state.keep(idx, extra=fused, extra_source=fused_source)
+        return state
+
+    def extra_repr(self) -> str:
+        return f"keep_rate={self.keep_rates}, locations={self.locations}, fuse_token={self.fuse_token}"
