@@ -98,6 +98,9 @@ class AttentionRequest:
     bias: Optional[Tensor] = None
     softmax: Optional[Callable[[Tensor], Tensor]] = None
     post_softmax: Optional[Callable[[Tensor], Tensor]] = None
+    # Cross-attention: only the first `queries` tokens query (keys/values are all tokens) and only
+    # they continue through the block's residual and MLP (STViT's semantic-token generation).
+    queries: Optional[int] = None
 
 
 NO_REQUEST = AttentionRequest()
@@ -120,10 +123,22 @@ def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST) ->
     """timm ``Attention.forward`` that also returns what `req` asks for."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
     bias = req.bias
+    if req.queries is None:
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+    else:  # project queries only for the query tokens (the fused qkv weight split in place)
+        n_q, d = req.queries, attn.num_heads * attn.head_dim
+        w, b = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(x[:, :n_q], w[:d], None if b is None else b[:d])
+        q = q.reshape(B, n_q, attn.num_heads, attn.head_dim).transpose(1, 2)
+        kv = F.linear(x, w[d:], None if b is None else b[d:])
+        k, v = kv.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if bias is not None and bias.shape[-2] > 1:
+            bias = bias[..., :n_q, :]
+        gate = gate[:, :n_q] if gate is not None else None
+        N = n_q
+    q, k = attn.q_norm(q), attn.k_norm(k)
     cls_attn = full = None
     if req.need == "map" or req.softmax is not None or req.post_softmax is not None:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
@@ -219,7 +234,11 @@ def run_block(block: Block, state: TokenState, method: ReductionMethod, i: int) 
     """timm ``Block.forward`` with the method's hooks; keeps the block's own modules and names."""
     state.block_index = i
     state = method.before_block(i, block, state)
-    res = attention(block.attn, block.norm1(state.x), method.attention_request(i, state))
+    req = method.attention_request(i, state)
+    res = attention(block.attn, block.norm1(state.x), req)
+    if req.queries is not None:  # the non-query tokens leave after serving as keys/values
+        idx = torch.arange(req.queries - state.num_protected, device=state.x.device)
+        state.keep(idx[None].expand(state.x.shape[0], -1))
     state.x = state.x + block.drop_path1(block.ls1(res.out))
     state = method.after_attention(i, state, res)
     state.x = state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x))))
