@@ -1,0 +1,302 @@
+"""BAT: Beyond Attentive Tokens (Long et al., CVPR 2023, arXiv 2211.11315), reconstructed from the paper.
+
+No public code exists (the authors' repository holds only a README, logs and figures), so this is a
+reconstruction; docs/methods/bat.md lists every choice and why. At each location (0-based blocks,
+default 3, 6, 9), between the attention residual and the MLP:
+
+1. Decouple: rank the non-protected tokens by the CLS query's attention averaged over heads; the top
+   ``K = ceil(keep_rate * M)`` (M = non-protected tokens, EViT's convention) are *attentive*, the rest
+   (I = M - K) *inattentive*.
+2. Inattentive tokens: a deterministic simplified DPC-KNN on the token features (k-nearest-neighbour
+   density, distance to the nearest denser token, the ``ceil(cluster_ratio * I)`` tokens with the
+   largest density x distance become centres, every token joins its nearest centre). Each cluster
+   becomes one token: the average of its members weighted by their CLS attention.
+3. Attentive tokens: ToMe's bipartite matching on the head-mean keys (alternate split in attention
+   order, every A token's most similar B token by cosine similarity) merges the
+   ``floor(pair_ratio * K)`` most similar pairs by a size-weighted average.
+
+Output order: protected tokens, unmatched A tokens, B tokens, cluster tokens. Sizes add up and the
+source row of a merged token is the maximum of its members'. No new parameters.
+
+Default ``cluster_ratio`` / ``pair_ratio`` (the paper's values are not public): ``pair_ratio`` 0.2 and
+``cluster_ratio`` interpolated from a table calibrated so that counted GMACs of DeiT-S match the
+published compute at the published keep rates (see ``DEFAULT_CLUSTER_RATIO``).
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .base import (
+    AttentionRequest,
+    AttentionResult,
+    NO_REQUEST,
+    ReductionConfigError,
+    ReductionMethod,
+    TokenState,
+    gather_tokens,
+    register,
+)
+
+Tensor = torch.Tensor
+CLS_ROW = AttentionRequest(need="cls")
+
+#: Default pair ratio: the fraction of attentive tokens merged away by bipartite matching.
+DEFAULT_PAIR_RATIO = 0.2
+#: Default cluster ratio at the published keep rates (clusters = ceil(ratio * inattentive tokens)),
+#: calibrated with ``count_gmacs`` on DeiT-S at 224 px against the BAT README's logged GMACs
+#: (0.7: 3.005, 0.6: 2.583, 0.5: 2.344, 0.4: 2.083, 0.3: 1.823, 0.2: 1.645) with pair ratio 0.2.
+#: Other keep rates interpolate linearly; below 0.2 / above 0.7 the end values are used.
+DEFAULT_CLUSTER_RATIO = {0.2: 0.05, 0.3: 0.08, 0.4: 0.16, 0.5: 0.23, 0.6: 0.26, 0.7: 0.45}
+
+
+# --- parameter checks shared with MSTM --------------------------------------------------------------
+def parse_locations(locations, depth: int, method: str) -> List[int]:
+    """A list of distinct 0-based block indices of a `depth`-block model."""
+    if isinstance(locations, (int, str)) or not isinstance(locations, Sequence):
+        raise ReductionConfigError(f"{method} locations must be a list of block indices, got {locations!r}")
+    locs = list(locations)
+    for loc in locs:
+        if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < depth:
+            raise ReductionConfigError(
+                f"{method} location {loc!r} is not a block index of this {depth}-block model; "
+                f"use 0-based indices in [0, {depth - 1}] (e.g. [3, 6, 9] for 12 blocks)"
+            )
+    if len(set(locs)) != len(locs):
+        raise ReductionConfigError(f"{method} locations must not repeat a block, got {locs}")
+    return sorted(locs)
+
+
+def _check_fraction(value, what: str, method: str, lo: float, hi: float, lo_open: bool) -> float:
+    ok = isinstance(value, Real) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = (lo < v if lo_open else lo <= v) and v <= hi
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ReductionConfigError(f"{method} {what} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def parse_keep_rates(keep_rate, num_locations: int, method: str) -> List[float]:
+    """One keep rate in (0, 1] per location, from a float or a per-location list."""
+    if isinstance(keep_rate, Sequence) and not isinstance(keep_rate, str):
+        if len(keep_rate) != num_locations:
+            raise ReductionConfigError(
+                f"{method} keep_rate list has {len(keep_rate)} entries but there are {num_locations} "
+                "locations; give one keep rate per location or a single float"
+            )
+        return [_check_fraction(k, f"keep_rate[{j}]", method, 0.0, 1.0, True) for j, k in enumerate(keep_rate)]
+    return [_check_fraction(keep_rate, "keep_rate", method, 0.0, 1.0, True)] * num_locations
+
+
+def attentive_count(keep_rate: float, num_candidates: int) -> int:
+    """EViT's ``ceil(keep_rate * (N - 1))`` with N - 1 = the non-protected tokens."""
+    return math.ceil(keep_rate * num_candidates)
+
+
+def rank_by_cls_attention(res: AttentionResult, num_protected: int) -> Tuple[Tensor, Tensor]:
+    """Head-mean CLS attention over the non-protected tokens (B, M) and their order, most attended
+    first (stable sort, so ties keep token order and the result is deterministic)."""
+    score = res.cls_attn[:, :, num_protected:].mean(dim=1)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    return score, order
+
+
+def pairwise_distances(x: Tensor) -> Tensor:
+    """Euclidean distances (B, N, N) through a matmul (counted by the GMACs counter, unlike cdist)."""
+    sq = (x * x).sum(-1)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * (x @ x.transpose(-1, -2))
+    return d2.clamp_min(0.0).sqrt()
+
+
+# --- the two merging steps -------------------------------------------------------------------------
+def default_cluster_ratio(keep_rate: float) -> float:
+    """Piecewise-linear interpolation of DEFAULT_CLUSTER_RATIO in the keep rate (ends held)."""
+    pts = sorted(DEFAULT_CLUSTER_RATIO.items())
+    if keep_rate <= pts[0][0]:
+        return pts[0][1]
+    for (k0, v0), (k1, v1) in zip(pts, pts[1:]):
+        if keep_rate <= k1:
+            return v0 + (v1 - v0) * (keep_rate - k0) / (k1 - k0)
+    return pts[-1][1]
+
+
+def bat_counts(num_candidates: int, keep_rate: float, cluster_ratio: float, pair_ratio: float) -> Tuple[int, int, int, int]:
+    """(attentive K, inattentive I, clusters, pairs) at a location with `num_candidates` tokens."""
+    k = attentive_count(keep_rate, num_candidates)
+    i = num_candidates - k
+    clusters = math.ceil(cluster_ratio * i) if i > 0 else 0
+    pairs = math.floor(pair_ratio * k)
+    return k, i, clusters, pairs
+
+
+def dpc_knn_assign(x: Tensor, num_clusters: int, k: int) -> Tensor:
+    """Simplified DPC-KNN (TCFormer's, without its random density noise): cluster index (B, I) of
+    every token of x (B, I, C); cluster j is the j-th centre by density x distance."""
+    B, n, C = x.shape
+    dist = pairwise_distances(x) / math.sqrt(C)
+    knn = dist.topk(min(k, n), dim=-1, largest=False).values  # includes the token itself (distance 0)
+    density = (-(knn ** 2).mean(dim=-1)).exp()
+    denser = density[:, None, :] > density[:, :, None]  # [b, i, j]: token j is denser than token i
+    dist_max = dist.flatten(1).max(dim=-1).values[:, None, None]
+    # distance to the nearest denser token; the densest token gets the largest distance
+    delta = torch.where(denser, dist, dist_max).min(dim=-1).values
+    centres = (density * delta).topk(num_clusters, dim=-1).indices  # (B, clusters)
+    assign = dist.gather(1, centres[:, :, None].expand(-1, -1, n)).argmin(dim=1)  # nearest centre
+    # a centre always leads its own cluster (ties in distance could send it elsewhere)
+    return assign.scatter(1, centres, torch.arange(num_clusters, device=x.device).expand(B, -1))
+
+
+def cluster_merge(
+    assign: Tensor, num_clusters: int, x: Tensor, weight: Tensor, size: Tensor, source: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One token per cluster: members' weighted average (weight (B, I)), summed sizes, max source."""
+    w = weight.unsqueeze(-1)
+    B, _, C = x.shape
+    idx = assign.unsqueeze(-1)
+    num = x.new_zeros(B, num_clusters, C).scatter_add(1, idx.expand(-1, -1, C), x * w)
+    den = w.new_zeros(B, num_clusters, 1).scatter_add(1, idx, w)
+    new_size = size.new_zeros(B, num_clusters, 1).scatter_add(1, idx, size)
+    new_source = None
+    if source is not None:
+        new_source = source.new_zeros(B, num_clusters, source.shape[-1]).scatter_reduce(
+            1, idx.expand(-1, -1, source.shape[-1]), source, reduce="amax"
+        )
+    return num / den, new_size, new_source
+
+
+def bipartite_pair_merge(
+    metric: Tensor, pairs: int, x: Tensor, size: Tensor, source: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """ToMe's bipartite soft matching within one token set: A = even, B = odd positions; the `pairs`
+    A tokens most similar (cosine of `metric`) to their best B token merge into it by size-weighted
+    average. Returns [unmatched A (in order), B] tokens, sizes and sources."""
+    if pairs <= 0:
+        return x, size, source
+    with torch.no_grad():
+        m = F.normalize(metric, dim=-1)
+        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
+        best, dst = scores.max(dim=-1)
+        edges = torch.sort(best, dim=-1, descending=True, stable=True).indices
+        src_idx = edges[:, :pairs]
+        unm_idx = edges[:, pairs:].sort(dim=-1).values  # keep the attention order
+        dst_idx = dst.gather(1, src_idx)
+
+    def merge(t: Tensor, reduce: str) -> Tensor:
+        a, b = t[:, ::2], t[:, 1::2]
+        idx = dst_idx.unsqueeze(-1).expand(-1, -1, t.shape[-1])
+        b = b.scatter_reduce(1, idx, gather_tokens(a, src_idx), reduce=reduce)
+        return torch.cat([gather_tokens(a, unm_idx), b], dim=1)
+
+    total = merge(x * size, "sum")
+    new_size = merge(size, "sum")
+    new_source = merge(source, "amax") if source is not None else None
+    return total / new_size, new_size, new_source
+
+
+@register
+class BAT(ReductionMethod):
+    name = "bat"
+    needs_class_token = True
+
+    def __init__(
+        self,
+        model,
+        keep_rate: Union[float, Sequence[float]] = 0.7,
+        locations: Sequence[int] = (3, 6, 9),
+        cluster_ratio: Optional[float] = None,
+        pair_ratio: Optional[float] = None,
+        knn: int = 5,
+        **unknown,
+    ):
+        if unknown:
+            raise ReductionConfigError(
+                f"BAT got unknown parameters {sorted(unknown)}; it takes keep_rate, locations, "
+                "cluster_ratio, pair_ratio, knn"
+            )
+        self.depth = len(model.blocks)
+        self.locations = parse_locations(locations, self.depth, "BAT")
+        self.keep_rates = parse_keep_rates(keep_rate, len(self.locations), "BAT")
+        if isinstance(knn, bool) or not isinstance(knn, int) or knn < 1:
+            raise ReductionConfigError(f"BAT knn (neighbours for the DPC-KNN density) must be an int >= 1, got {knn!r}")
+        self.knn = knn
+        if cluster_ratio is not None:
+            # 0 clusters would discard the inattentive tokens, which BAT never does
+            cluster_ratio = _check_fraction(cluster_ratio, "cluster_ratio", "BAT", 0.0, 1.0, True)
+        if pair_ratio is not None:
+            # at most every second attentive token can find a partner in the bipartite split
+            pair_ratio = _check_fraction(pair_ratio, "pair_ratio", "BAT", 0.0, 0.5, False)
+        if all(k == 1.0 for k in self.keep_rates) and (cluster_ratio or pair_ratio):
+            raise ReductionConfigError(
+                "BAT with keep_rate 1 keeps every token unchanged (identity), so cluster_ratio/pair_ratio "
+                f"would be ignored (got {cluster_ratio!r}/{pair_ratio!r}); lower keep_rate or drop them"
+            )
+        self.cluster_ratio, self.pair_ratio = cluster_ratio, pair_ratio
+        # block -> (keep rate, cluster ratio, pair ratio); keep rate 1 is the identity, as in EViT
+        self.plan: Dict[int, Tuple[float, float, float]] = {
+            loc: (
+                k,
+                default_cluster_ratio(k) if cluster_ratio is None else cluster_ratio,
+                DEFAULT_PAIR_RATIO if pair_ratio is None else pair_ratio,
+            )
+            for loc, k in zip(self.locations, self.keep_rates)
+            if k < 1.0
+        }
+        self.expected_tokens = self.token_counts(model.patch_embed.num_patches + model.num_prefix_tokens,
+                                                 model.num_prefix_tokens)
+
+    def token_counts(self, num_tokens: int, num_protected: int) -> List[int]:
+        """Tokens leaving every block for an input of `num_tokens` tokens (what forward will produce)."""
+        out = []
+        for i in range(self.depth):
+            if i in self.plan:
+                k, n_in, clusters, pairs = bat_counts(num_tokens - num_protected, *self.plan[i])
+                num_tokens = num_protected + k - pairs + clusters
+            out.append(num_tokens)
+        return out
+
+    def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
+        return CLS_ROW if i in self.plan else NO_REQUEST
+
+    def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
+        plan = self.plan.get(i)
+        if plan is None:
+            return state
+        p = state.num_protected
+        k, n_in, clusters, pairs = bat_counts(state.num_tokens - p, *plan)
+        if n_in == 0 and pairs == 0:
+            return state
+        if state.size is None:
+            state.size = state.x.new_ones(state.x.shape[0], state.num_tokens, 1)
+        score, order = rank_by_cls_attention(res, p)
+        att_idx, in_idx = order[:, :k], order[:, k:]
+        x, size, source = state.x[:, p:], state.size[:, p:], state.source
+        source = source[:, p:] if source is not None else None
+
+        def take(t: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
+            return gather_tokens(t, idx) if t is not None else None
+
+        keys = res.keys[:, :, p:].mean(dim=1)  # ToMe's matching metric: head-mean keys
+        parts = [bipartite_pair_merge(take(keys, att_idx), pairs, take(x, att_idx), take(size, att_idx),
+                                      take(source, att_idx))]
+        if n_in > 0:
+            x_in = take(x, in_idx)
+            with torch.no_grad():
+                assign = dpc_knn_assign(x_in.detach(), clusters, self.knn)
+            # attention weights, floored so an all-underflow cluster (half precision) is not NaN
+            weight = score.gather(1, in_idx).clamp_min(1e-12)
+            parts.append(cluster_merge(assign, clusters, x_in, weight, take(size, in_idx), take(source, in_idx)))
+        state.x = torch.cat([state.x[:, :p]] + [t[0] for t in parts], dim=1)
+        state.size = torch.cat([state.size[:, :p]] + [t[1] for t in parts], dim=1)
+        if state.source is not None:
+            state.source = torch.cat([state.source[:, :p]] + [t[2] for t in parts], dim=1)
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"keep_rate={self.keep_rates}, locations={self.locations}, "
+                f"cluster/pair ratios={ {i: v[1:] for i, v in self.plan.items()} }, knn={self.knn}")
