@@ -1,0 +1,193 @@
+"""MSTM: Multi-Scale And Token Mergence (Bian et al., arXiv 2306.04897), reconstructed from the paper.
+
+No public code exists; docs/methods/mstm.md lists what follows the paper and what is reconstructed.
+
+Token mergence, at each location (0-based blocks, default 3, 6, 9), between the attention residual
+and the MLP: the head-mean CLS attention ranks the non-protected tokens; the top
+``ceil(keep_rate * M)`` are *crucial* (EViT's keep-rate convention, descending attention order) and
+every other token is merged into its most similar crucial token (cosine similarity of the token
+features), so nothing is discarded. A crucial token becomes the weighted average of itself (weight:
+its size) and the tokens merged into it (weight: size x (1 + cos) / 2, the similarity mapped to
+[0, 1] so every member counts). Sizes add up; the source row is the maximum of the members'.
+
+Multi-scale fusion, once, at the input of the first location's block (before any token is pruned,
+while the patch tokens still lie on the grid): the patch-token map is average-pooled to coarser
+scales (default 2x2 and 4x4 windows), each coarse map goes through a LayerNorm and a zero-initialised
+Linear and is added back to the patches it covers. The fusion module is attached to the model as
+``model.mstm_fusion`` and trained at the full learning rate (``new_module_names``); at
+initialisation its contribution is exactly zero, so MSTM is usable off-the-shelf and equals the
+method without fusion.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import (
+    AttentionResult,
+    NO_REQUEST,
+    AttentionRequest,
+    ReductionConfigError,
+    ReductionMethod,
+    TokenState,
+    gather_tokens,
+    register,
+)
+from .bat import CLS_ROW, attentive_count, parse_keep_rates, parse_locations, rank_by_cls_attention
+
+Tensor = torch.Tensor
+FUSION_ATTR = "mstm_fusion"
+
+
+class MultiScaleFusion(nn.Module):
+    """Adds coarser views of the patch grid to every patch token; exactly zero at initialisation."""
+
+    def __init__(self, dim: int, scales: Sequence[int] = (2, 4)):
+        super().__init__()
+        self.scales = tuple(scales)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in self.scales)
+        for proj in self.proj:  # zero contribution until finetuning learns one
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """patches: (B, H, W, C) -> the same map with every coarse scale added."""
+        H, W = patches.shape[1:3]
+        grid = patches.permute(0, 3, 1, 2)
+        out = patches
+        for s, proj in zip(self.scales, self.proj):
+            # ceil_mode: edge windows of a grid not divisible by s average only the patches they cover
+            coarse = F.avg_pool2d(grid, s, s, ceil_mode=True).permute(0, 2, 3, 1)
+            coarse = proj(self.norm(coarse))  # project the few coarse tokens, then broadcast back
+            out = out + coarse.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)[:, :H, :W]
+        return out
+
+
+def merge_into_crucial(
+    x: Tensor, size: Tensor, source: Optional[Tensor], crucial: Tensor, rest: Tensor
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Merge every `rest` token into its most similar `crucial` token; returns the crucial tokens
+    (in `crucial` order) with their new features, sizes and sources."""
+    xc, xr = gather_tokens(x, crucial), gather_tokens(x, rest)
+    sc, sr = gather_tokens(size, crucial), gather_tokens(size, rest)
+    with torch.no_grad():
+        sim = F.normalize(xr.detach(), dim=-1) @ F.normalize(xc.detach(), dim=-1).transpose(-1, -2)
+        best, dst = sim.max(dim=-1)  # (B, R)
+    w = sr * ((1.0 + best) / 2.0).unsqueeze(-1)  # similarity- and size-weighted contribution
+    idx = dst.unsqueeze(-1)
+    C = x.shape[-1]
+    num = (xc * sc).scatter_add(1, idx.expand(-1, -1, C), xr * w)
+    den = sc.scatter_add(1, idx, w)
+    new_size = sc.scatter_add(1, idx, sr)
+    new_source = None
+    if source is not None:
+        N0 = source.shape[-1]
+        new_source = gather_tokens(source, crucial).scatter_reduce(
+            1, idx.expand(-1, -1, N0), gather_tokens(source, rest), reduce="amax"
+        )
+    return num / den, new_size, new_source
+
+
+@register
+class MSTM(ReductionMethod):
+    name = "mstm"
+    needs_class_token = True
+
+    def __init__(
+        self,
+        model,
+        keep_rate: Union[float, Sequence[float]] = 0.7,
+        locations: Sequence[int] = (3, 6, 9),
+        fusion: bool = True,
+        scales: Sequence[int] = (2, 4),
+        **unknown,
+    ):
+        if unknown:
+            raise ReductionConfigError(
+                f"MSTM got unknown parameters {sorted(unknown)}; it takes keep_rate, locations, fusion, scales"
+            )
+        self.depth = len(model.blocks)
+        self.locations = parse_locations(locations, self.depth, "MSTM")
+        self.keep_rates = parse_keep_rates(keep_rate, len(self.locations), "MSTM")
+        self.rate_at = {loc: k for loc, k in zip(self.locations, self.keep_rates) if k < 1.0}
+        if not isinstance(fusion, bool):
+            raise ReductionConfigError(f"MSTM fusion must be true or false, got {fusion!r}")
+        self.fusion = fusion
+        self.scales: Tuple[int, ...] = ()
+        self.fusion_block: Optional[int] = None
+        if fusion:
+            if isinstance(scales, (int, str)) or not isinstance(scales, Sequence) or not scales or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 2 for s in scales
+            ):
+                raise ReductionConfigError(
+                    f"MSTM scales must be a non-empty list of pooling windows >= 2 (e.g. [2, 4]), got {scales!r}"
+                )
+            grid = tuple(model.patch_embed.grid_size)
+            if any(s > min(grid) for s in scales):
+                raise ReductionConfigError(
+                    f"MSTM scales {list(scales)} must not exceed the {grid[0]}x{grid[1]} patch grid"
+                )
+            if not self.locations:
+                raise ReductionConfigError("MSTM fusion happens before the first location; give at least one location")
+            self.scales = tuple(scales)
+            self.fusion_block = self.locations[0]
+            self._attach_fusion(model)
+
+    def _attach_fusion(self, model) -> None:
+        """Reuse an existing matching module (keeps loaded/trained weights), else attach a new one."""
+        existing = getattr(model, FUSION_ATTR, None)
+        dim = model.embed_dim
+        if isinstance(existing, MultiScaleFusion) and existing.scales == self.scales and existing.norm.normalized_shape == (dim,):
+            return
+        ref = next(model.parameters())
+        setattr(model, FUSION_ATTR, MultiScaleFusion(dim, self.scales).to(device=ref.device, dtype=ref.dtype))
+
+    def init_state(self, model, state: TokenState) -> TokenState:
+        # the hooks get no model, so keep a handle on the fusion module for this forward pass
+        if self.fusion:
+            state.extras[FUSION_ATTR] = getattr(model, FUSION_ATTR)
+        return state
+
+    def before_block(self, i: int, block, state: TokenState) -> TokenState:
+        if i != self.fusion_block:
+            return state
+        p, (H, W) = state.num_protected, state.grid_size
+        B, N, C = state.x.shape
+        if N - p != H * W:
+            raise RuntimeError(f"MSTM fusion needs the {H}x{W} patch grid intact at block {i}, found {N - p} tokens")
+        patches = state.extras[FUSION_ATTR](state.x[:, p:].reshape(B, H, W, C))
+        state.x = torch.cat([state.x[:, :p], patches.reshape(B, H * W, C)], dim=1)
+        return state
+
+    def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
+        return CLS_ROW if i in self.rate_at else NO_REQUEST
+
+    def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
+        keep_rate = self.rate_at.get(i)
+        if keep_rate is None:
+            return state
+        p = state.num_protected
+        candidates = state.num_tokens - p
+        k = attentive_count(keep_rate, candidates)
+        if k >= candidates:
+            return state
+        if state.size is None:
+            state.size = state.x.new_ones(state.x.shape[0], state.num_tokens, 1)
+        _, order = rank_by_cls_attention(res, p)
+        src = state.source[:, p:] if state.source is not None else None
+        x, size, source = merge_into_crucial(state.x[:, p:], state.size[:, p:], src, order[:, :k], order[:, k:])
+        state.x = torch.cat([state.x[:, :p], x], dim=1)
+        state.size = torch.cat([state.size[:, :p], size], dim=1)
+        if source is not None:
+            state.source = torch.cat([state.source[:, :p], source], dim=1)
+        return state
+
+    def new_module_names(self) -> List[str]:
+        return [FUSION_ATTR] if self.fusion else []
+
+    def extra_repr(self) -> str:
+        return f"keep_rate={self.keep_rates}, locations={self.locations}, fusion={self.fusion}, scales={list(self.scales)}"
