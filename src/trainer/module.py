@@ -1,0 +1,289 @@
+"""The LightningModule: a token-reduced student, a frozen unreduced teacher, and the finetuning loss.
+
+    loss = soft-target cross-entropy (mixup / cutmix / label smoothing)
+         + distill.weight * distillation(student, teacher)      (none | soft | hard, as DeiT)
+         + sum(student.reduction.losses(...))                   (already weighted by the method)
+
+The teacher is a deep copy of the student's weights taken *before* reduction, patched with method
+"none" (so it has ``forward_tokens`` too), always in eval mode, without gradients, outside the
+optimizer and outside checkpoints (its keys are dropped on save and refilled from the live teacher on
+load). Accuracies are logged in percent.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Mapping, Optional
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
+from torchmetrics.classification import MulticlassAccuracy
+
+from src.models.reduction import ReductionConfigError, apply_reduction
+
+Tensor = torch.Tensor
+DISTILL_TYPES = ("none", "soft", "hard")
+
+
+def is_patchable(model: nn.Module) -> bool:
+    return isinstance(model, VisionTransformer)
+
+
+def reduce_backbone(model: nn.Module, method: str, params: Mapping[str, Any]) -> nn.Module:
+    """apply_reduction for timm ViTs; other backbones (e.g. STViT-Swin) only with method none."""
+    if is_patchable(model):
+        return apply_reduction(model, method, **dict(params))
+    if method != "none":
+        raise ReductionConfigError(
+            f"method '{method}' patches timm VisionTransformer models; {type(model).__name__} can only be "
+            "used with method=none"
+        )
+    return model
+
+
+def distillation_loss(kind: str, student: Tensor, teacher: Tensor, tau: float) -> Tensor:
+    """DeiT's distillation terms (facebookresearch/deit losses.py).
+
+    soft: KL(student/tau || teacher/tau) summed, times tau^2, divided by the number of logits (B x C),
+    exactly as DeiT normalises it. hard: cross-entropy against the teacher's argmax.
+    """
+    if kind == "soft":
+        return F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
+                        reduction="sum", log_target=True) * (tau * tau) / student.numel()
+    if kind == "hard":
+        return F.cross_entropy(student, teacher.argmax(dim=1))
+    raise ReductionConfigError(f"distill.type must be one of {DISTILL_TYPES}, got {kind!r}")
+
+
+def soft_targets(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """One-hot targets with label smoothing, the form timm's Mixup produces."""
+    off = smoothing / num_classes
+    return torch.full((y.shape[0], num_classes), off, device=y.device).scatter_(1, y[:, None], 1.0 - smoothing + off)
+
+
+class ReductionModule(L.LightningModule):
+    """Student (backbone + reduction) and frozen teacher; see the module docstring for the loss.
+
+    `backbone` must carry its final weights already; the teacher is copied from it here.
+    `optim`, `distill`, `ema`, `mixup` are the config nodes of the same names (plain dicts).
+    `batch_size` is the per-device batch used for the learning-rate scaling.
+    """
+
+    def __init__(self, backbone: nn.Module, method: str = "none", method_params: Optional[Mapping] = None,
+                 num_classes: int = 1000, optim: Optional[Mapping] = None, distill: Optional[Mapping] = None,
+                 ema: Optional[Mapping] = None, mixup: Optional[Mapping] = None, batch_size: int = 64):
+        super().__init__()
+        self.optim_cfg = dict(optim or {})
+        self.distill_cfg = dict(distill or {})
+        self.mixup_cfg = dict(mixup or {})
+        self.ema_cfg = dict(ema or {})
+        self.num_classes, self.batch_size, self.method = int(num_classes), int(batch_size), method
+        self.distill_type = self.distill_cfg.get("type", "none")
+        if self.distill_type not in DISTILL_TYPES:
+            raise ReductionConfigError(f"distill.type must be one of {DISTILL_TYPES}, got {self.distill_type!r}")
+        self.distill_weight = float(self.distill_cfg.get("weight", 0.0 if self.distill_type == "none" else 1.0))
+        if self.distill_weight < 0:
+            raise ReductionConfigError(f"distill.weight must be >= 0, got {self.distill_weight}")
+
+        teacher = copy.deepcopy(backbone)
+        self.student = reduce_backbone(backbone, method, method_params or {})
+        self.tokens_api = is_patchable(self.student)  # forward_tokens / forward_head available
+        self.teacher = reduce_backbone(teacher, "none", {})
+        self.teacher.eval().requires_grad_(False)
+        self.needs_teacher = (self.distill_type != "none" and self.distill_weight > 0) or bool(
+            getattr(getattr(self.student, "reduction", None), "needs_teacher", False))
+
+        self.mixup_fn = self._make_mixup()
+        self.smoothing = float(self.mixup_cfg.get("label_smoothing", 0.0))
+        self.criterion = SoftTargetCrossEntropy()
+        self.ema = None
+        if self.ema_cfg.get("enabled", False):
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.student, decay=float(self.ema_cfg.get("decay", 0.9998)))
+            self.ema.requires_grad_(False)
+        metric = lambda k: MulticlassAccuracy(num_classes=self.num_classes, top_k=k, average="micro")  # noqa: E731
+        self.val_top1, self.val_top5 = metric(1), metric(min(5, self.num_classes))
+        self.teacher_top1, self.ema_top1 = metric(1), metric(1)
+        self.teacher_val_done = False  # the teacher's val accuracy is computed once per run
+        self.teacher_val_top1: Optional[float] = None
+
+    # --- pieces --------------------------------------------------------------------------------
+    def _make_mixup(self):
+        m = self.mixup_cfg
+        if float(m.get("mixup_alpha", 0.0)) <= 0 and float(m.get("cutmix_alpha", 0.0)) <= 0:
+            return None
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=float(m.get("mixup_alpha", 0.0)), cutmix_alpha=float(m.get("cutmix_alpha", 0.0)),
+                     cutmix_minmax=m.get("cutmix_minmax"), prob=float(m.get("prob", 1.0)),
+                     switch_prob=float(m.get("switch_prob", 0.5)), mode=m.get("mode", "batch"),
+                     label_smoothing=float(m.get("label_smoothing", 0.0)), num_classes=self.num_classes)
+
+    @staticmethod
+    def run_model(model: nn.Module, x: Tensor, tokens_api: bool):
+        """(logits, state); state is None for backbones without forward_tokens."""
+        if tokens_api:
+            state = model.forward_tokens(x)
+            return model.forward_head(state.x), state
+        return model(x), None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # never in training mode (dropout / drop-path off, BN frozen)
+        if self.ema is not None:
+            self.ema.module.eval()
+        return self
+
+    # --- training ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.mixup_fn is not None:
+            x, targets = self.mixup_fn(x, y)
+        else:
+            targets = soft_targets(y, self.num_classes, self.smoothing)
+        logits, state = self.run_model(self.student, x, self.tokens_api)
+        t_logits = t_state = None
+        if self.needs_teacher:
+            with torch.no_grad():
+                t_logits, t_state = self.run_model(self.teacher, x, self.tokens_api)
+        terms: Dict[str, Tensor] = {"ce": self.criterion(logits, targets)}
+        if self.distill_type != "none" and self.distill_weight > 0:
+            tau = float(self.distill_cfg.get("tau", 1.0))
+            terms["distill"] = self.distill_weight * distillation_loss(self.distill_type, logits, t_logits, tau)
+        if state is not None:
+            extra = self.student.reduction.losses(
+                state, logits=logits, targets=targets, teacher_logits=t_logits, teacher_state=t_state,
+                epoch=self.current_epoch, step=self.global_step,
+            )
+            clash = set(extra) & set(terms)
+            if clash:
+                raise ReductionConfigError(f"method loss names {sorted(clash)} clash with the built-in terms")
+            terms.update(extra)
+            self._log_method_metrics(state, "train")
+        loss = sum(terms.values())
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=True)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.student, step=self.global_step)
+
+    def _log_method_metrics(self, state, stage: str) -> None:
+        for name, value in self.student.reduction.metrics(state).items():
+            self.log(f"{stage}/{name}", float(value), on_step=False, on_epoch=True)
+
+    # --- validation ----------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        # the teacher never changes: measure it once, on the first real validation pass
+        self._teacher_this_epoch = not self.teacher_val_done and not self.trainer.sanity_checking
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits, state = self.run_model(self.student, x, self.tokens_api)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        self.val_top1.update(logits, y)
+        self.val_top5.update(logits, y)
+        if state is not None:
+            self._log_method_metrics(state, "val")
+        if self._teacher_this_epoch:
+            self.teacher_top1.update(self.teacher(x), y)
+        if self.ema is not None:
+            self.ema_top1.update(self.ema.module(x), y)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/top1", 100.0 * self.val_top1.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/top5", 100.0 * self.val_top5.compute(), sync_dist=True)
+        self.val_top1.reset()
+        self.val_top5.reset()
+        if self._teacher_this_epoch:
+            self.teacher_val_top1 = 100.0 * float(self.teacher_top1.compute())
+            self.log("val/teacher_top1", self.teacher_val_top1, sync_dist=True)
+            self.teacher_top1.reset()
+            self.teacher_val_done = True
+        if self.ema is not None:
+            self.log("val/ema_top1", 100.0 * self.ema_top1.compute(), sync_dist=True)
+            self.ema_top1.reset()
+
+    # --- optimisation --------------------------------------------------------------------------
+    def effective_lr(self) -> float:
+        """optim.lr is given for optim.lr_base_batch images; scale it with the global batch."""
+        trainer = self.trainer
+        global_batch = trainer.world_size * self.batch_size * trainer.accumulate_grad_batches
+        return float(self.optim_cfg.get("lr", 5e-4)) * global_batch / float(self.optim_cfg.get("lr_base_batch", 512))
+
+    def param_groups(self, weight_decay: float) -> List[dict]:
+        """Method modules at full lr, the backbone at backbone_lr_scale; no decay on biases, norms,
+        position embeddings and special tokens (timm's rule: ndim <= 1 or in no_weight_decay())."""
+        reduction = getattr(self.student, "reduction", None)
+        new = set(reduction.new_module_names()) if reduction is not None else set()
+        skip = set(self.student.no_weight_decay()) if hasattr(self.student, "no_weight_decay") else set()
+        groups: Dict[tuple, List[nn.Parameter]] = {}
+        for name, p in self.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "new" if name.split(".")[0] in new else "backbone"
+            decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+            groups.setdefault((part, decay), []).append(p)
+        return [
+            {"params": ps, "weight_decay": weight_decay if decay else 0.0, "group": part,
+             "lr_scale": self._lr_scale(part, epoch=0)}
+            for (part, decay), ps in sorted(groups.items(), key=lambda kv: kv[0])
+        ]
+
+    def _lr_scale(self, part: str, epoch: int) -> float:
+        if part == "new":
+            return 1.0
+        if epoch < int(self.optim_cfg.get("backbone_freeze_epochs", 0)):
+            return 0.0  # frozen: AdamW with lr 0 changes nothing (decay is lr-scaled too)
+        return float(self.optim_cfg.get("backbone_lr_scale", 1.0))
+
+    def configure_optimizers(self):
+        from timm.scheduler import CosineLRScheduler
+
+        wd = float(self.optim_cfg.get("weight_decay", 0.05))
+        lr = self.effective_lr()
+        optimizer = torch.optim.AdamW(self.param_groups(wd), lr=lr, betas=tuple(self.optim_cfg.get("betas", (0.9, 0.999))),
+                                      eps=float(self.optim_cfg.get("eps", 1e-8)))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / max(1, int(self.trainer.max_epochs or 1))
+        warmup = int(round(float(self.optim_cfg.get("warmup_epochs", 0)) * per_epoch))
+        scheduler = CosineLRScheduler(
+            optimizer, t_initial=total, lr_min=float(self.optim_cfg.get("min_lr", 1e-5)),
+            warmup_t=warmup, warmup_lr_init=float(self.optim_cfg.get("warmup_lr", 1e-6)),
+            warmup_prefix=False, t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_train_epoch_start(self) -> None:
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        for group in opt.param_groups:
+            group["lr_scale"] = self._lr_scale(group["group"], self.current_epoch)
+        self.lr_schedulers().step_update(num_updates=self.global_step)
+        self.log("train/lr", opt.param_groups[-1]["lr"] if opt.param_groups else 0.0, on_step=False, on_epoch=True)
+
+    # --- checkpoints: the teacher is rebuilt from the config, never stored --------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k in sd if k.startswith("teacher.")]:
+            del sd[k]
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        sd = checkpoint.setdefault("state_dict", {})
+        for k, v in self.teacher.state_dict().items():
+            sd.setdefault(f"teacher.{k}", v)
+
+
+__all__ = ["ReductionModule", "distillation_loss", "reduce_backbone", "soft_targets", "is_patchable"]
