@@ -142,7 +142,12 @@ def dpc_knn_assign(x: Tensor, num_clusters: int, k: int) -> Tensor:
     dist = pairwise_distances(x) / math.sqrt(C)
     knn = dist.topk(min(k, n), dim=-1, largest=False).values  # includes the token itself (distance 0)
     density = (-(knn ** 2).mean(dim=-1)).exp()
-    denser = density[:, None, :] > density[:, :, None]  # [b, i, j]: token j is denser than token i
+    # [b, i, j]: token j is denser than token i. Exact ties (duplicate tokens) go to the earlier token,
+    # a deterministic stand-in for the reference's random noise: without it, every tied token would be
+    # a density peak and the centres would be picked among duplicates.
+    d_i, d_j = density[:, :, None], density[:, None, :]
+    order = torch.arange(n, device=x.device)
+    denser = (d_j > d_i) | ((d_j == d_i) & (order[None, :] < order[:, None]))
     dist_max = dist.flatten(1).max(dim=-1).values[:, None, None]
     # distance to the nearest denser token; the densest token gets the largest distance
     delta = torch.where(denser, dist, dist_max).min(dim=-1).values
