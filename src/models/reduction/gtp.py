@@ -212,6 +212,7 @@ class GTP(ReductionMethod):
         self.sparsity = float(sparsity)
         self.token_scale = token_scale
         self._post_softmax = (lambda a: sparsify(a, self.sparsity)) if self.sparsity < 1.0 else None
+        self.first_propagating_block = next((i for i, v in enumerate(self.r) if v > 0), self.depth)
 
     def init_state(self, model, state: TokenState) -> TokenState:
         p = state.num_protected
@@ -230,12 +231,14 @@ class GTP(ReductionMethod):
             # built from the layer-0 input and kept in the autograd graph, as the reference
             state.extras[GRAPH_KEY] = build_graph(patches, state.grid_size, self.graph, self.num_neighbours)
             state.extras[ROWS_KEY] = torch.arange(m, device=patches.device).expand(B, m)
-        if self.token_scale:
+        if self.token_scale and any(self.r):
             state.size = torch.ones(B, state.num_tokens, 1, device=state.x.device, dtype=state.x.dtype)
         return state
 
     def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
-        bias = state.size.log()[:, None, None, :, 0] if self.token_scale else None
+        # scales are all 1 (a zero bias) until the first block that propagates has run
+        scaled = self.token_scale and i > self.first_propagating_block
+        bias = state.size.log()[:, None, None, :, 0] if scaled else None
         if self.r[i] > 0:
             return AttentionRequest(need="map", bias=bias, post_softmax=self._post_softmax)
         if bias is None and self._post_softmax is None:
