@@ -76,3 +76,23 @@ def test_new_module_names_resolve():
     assert bb.new_module_names() == ["norm", "levels", "vit.stvit_centre", "vit.stvit_recover"]
     for name in bb.new_module_names():
         assert isinstance(bb.get_submodule(name), torch.nn.Module)
+
+
+def test_demo_canvases_have_exact_boxes_and_perfect_predictions_score_map_1():
+    np = pytest.importorskip("numpy")
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from scripts.detection_demo import load_digits, make_canvas
+
+    digits, labels = load_digits()
+    rng = np.random.default_rng(0)
+    metric = MeanAveragePrecision(iou_type="bbox")
+    for _ in range(8):
+        img, target = make_canvas(digits[:100], labels[:100], rng, 128)
+        assert img.shape == (3, 128, 128) and 1 <= len(target["boxes"]) <= 3
+        for (x0, y0, x1, y1), label in zip(target["boxes"].long().tolist(), target["labels"].tolist()):
+            assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 128 and 1 <= label <= 10
+            ink = img[0, y0:y1, x0:x1] > 0.2
+            assert ink[0].any() and ink[-1].any() and ink[:, 0].any() and ink[:, -1].any()  # tight box
+        metric.update([dict(target, scores=torch.ones(len(target["labels"])))], [target])
+    assert metric.compute()["map"].item() == pytest.approx(1.0)
