@@ -52,7 +52,7 @@ def _fit_head(model: nn.Module, sd: dict, drop_head: bool, path: str) -> dict:
     """Checkpoints for another number of classes: a clear error, or a fresh head when configured."""
     own = model.state_dict()
     heads = [k for k in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias") if k in own]
-    bad = [k for k in heads if k in sd and sd[k].shape != own[k].shape]
+    bad = [k for k in heads if k in sd and sd[k].ndim >= 1 and sd[k].shape[0] != own[k].shape[0]]
     if not bad:
         return sd
     if not drop_head:

@@ -28,7 +28,7 @@ from src.models.reduction import ReductionConfigError
 from src.models.reduction.schedules import resolve_params
 from src.models.weights import WeightsError
 
-from .module import ReductionModule, is_patchable
+from .module import DISTILL_TYPES, ReductionModule, is_patchable, reduce_backbone
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,18 @@ def method_params(cfg: DictConfig, model: torch.nn.Module) -> Dict[str, Any]:
     if not is_patchable(model):
         return params
     return resolve_params(model, cfg.method.name, params, schedule)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Build the model without weights and apply the method to it, so bad sizes or method
+    parameters fail here, before weights are downloaded or a quickstart teacher is trained."""
+    model_cfg = plain(cfg.model)
+    model_cfg.update(pretrained=False, checkpoint=None)
+    skeleton = create_backbone(model_cfg)
+    reduce_backbone(skeleton, cfg.method.name, method_params(cfg, skeleton))
+    distill = plain(cfg.get("distill")) or {}
+    if distill.get("type", "none") not in DISTILL_TYPES:
+        raise ReductionConfigError(f"distill.type must be one of {DISTILL_TYPES}, got {distill.get('type')!r}")
 
 
 def build_module(cfg: DictConfig, checkpoint: Optional[str] = None) -> ReductionModule:
@@ -230,6 +242,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)  # data errors before any model is built
+    check_config(cfg)  # size / method errors before weights or a quickstart teacher
     checkpoint = _weights_source(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
