@@ -1,0 +1,194 @@
+"""End-to-end: train.py as a subprocess with tiny settings, and the config errors through run().
+
+The subprocess runs share one tmp folder per test module: the first trains a tiny quickstart teacher
+(cached there), the second reuses the cache and resumes from the first run's checkpoint.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# a 2-block width-32 quickstart model, 3 teacher epochs without augmentation, 200 val images
+TINY = [
+    "model.kwargs.embed_dim=32", "model.kwargs.depth=2", "model.bootstrap.epochs=3",
+    "model.bootstrap.warmup_epochs=0", "data.max_shift=0", "data.val_per_class=20",
+    "trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.enable_progress_bar=false",
+    "profile.batch_size=16",
+]
+
+
+def train(tmp: Path, *overrides: str, env=None, name="run"):
+    cmd = [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp / 'logs'}",
+           f"paths.cache_dir={tmp / 'cache'}", f"hydra.run.dir={tmp / name}", *overrides]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600, cwd=tmp)
+    return proc, tmp / name
+
+
+def metrics_rows(run_dir: Path, sub="csv"):
+    with open(run_dir / sub / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def last_value(rows, key):
+    vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    return vals[-1] if vals else None
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir):
+    proc, run_dir = train(workdir, *TINY, name="run1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, run_dir
+
+
+def test_quickstart_trains_teacher_then_reduced_student(first_run, workdir):
+    proc, run_dir = first_run
+    out = proc.stdout + proc.stderr
+    assert "Training the quickstart teacher" in out and "=== summary" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == "tome" and "r=[2, 2]" in summary["method_params"]
+    # well above the 10% of chance on 10 digit classes
+    assert summary["teacher_val_top1"] > 30.0 and summary["student_val_top1"] > 30.0
+    assert 0 < summary["student_gmacs"] < summary["teacher_gmacs"]
+    assert summary["student_throughput"] > 0 and summary["teacher_throughput"] > 0
+    rows = metrics_rows(run_dir)
+    assert last_value(rows, "val/top1") == pytest.approx(summary["student_val_top1"], abs=1e-3)
+    assert last_value(rows, "val/teacher_top1") == pytest.approx(summary["teacher_val_top1"], abs=1e-3)
+    assert last_value(rows, "profile/student_gmacs") == pytest.approx(summary["student_gmacs"], rel=1e-6)
+    assert last_value(rows, "train/loss_ce_epoch") > 0 and last_value(rows, "train/loss_distill_epoch") >= 0
+    teacher_rows = metrics_rows(run_dir / "teacher")
+    assert last_value(teacher_rows, "val/top1") == pytest.approx(summary["teacher_val_top1"], abs=0.5)
+    assert len(list((workdir / "cache" / "teachers").glob("*.safetensors"))) == 1
+
+
+def test_checkpoint_has_no_teacher_and_reloads_with_load_weights(first_run):
+    from src.models.backbone import create_backbone
+    from src.models.weights import load_weights
+
+    _, run_dir = first_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ckpt_path = Path(summary["last_checkpoint"])
+    assert ckpt_path.is_file() and Path(summary["best_checkpoint"]).is_file()
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("student.") for k in keys) and not any(k.startswith("teacher.") for k in keys)
+    cfg = {"name": "vit_tiny_patch16_224", "pretrained": False, "num_classes": 10, "img_size": 28, "in_chans": 1,
+           "kwargs": {"patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}}
+    model = load_weights(create_backbone(cfg), ckpt_path)
+    assert torch.equal(model.head.weight, ckpt["state_dict"]["student.head.weight"])
+
+
+def test_second_run_reuses_teacher_and_resumes(first_run, workdir):
+    _, run1 = first_run
+    last = json.loads((run1 / "summary.json").read_text())["last_checkpoint"]
+    proc, run_dir = train(workdir, *TINY, f"ckpt_path={last}", "trainer.max_epochs=2", "logger=tensorboard",
+                          name="run2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Reusing the cached quickstart teacher" in out and "Training the quickstart teacher" not in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ckpt = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 40  # resumed after epoch 0's 20 steps
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert summary["teacher_val_top1"] > 30.0
+
+
+def test_eval_only_with_wandb_offline(first_run, workdir):
+    _, run1 = first_run
+    last = json.loads((run1 / "summary.json").read_text())["last_checkpoint"]
+    proc, run_dir = train(workdir, *TINY, "train=false", f"model.checkpoint={last}", "logger=wandb",
+                          "tags=[e2e_tag_one,e2e_tag_two]", name="run3")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train"] is False and summary["student_val_top1"] > 30.0 and summary["best_checkpoint"] is None
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    blob = b"".join(p.read_bytes() for p in runs[0].rglob("*") if p.is_file())
+    for needle in (b"e2e_tag_one", b"e2e_tag_two", b"val/top1", b"val/teacher_top1", b"profile/student_gmacs",
+                   b"vit_tiny_patch16_224", b"bootstrap"):  # tags, metrics, resolved config
+        assert needle in blob, needle
+
+
+def test_user_errors_are_one_clean_message(workdir):
+    proc, _ = train(workdir, "method.params.r=-1", name="bad_r")
+    assert proc.returncode == 2
+    assert "r must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
+    proc, _ = train(workdir, "model=deit_s", "method=gtp", name="no_weights")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "Hugging Face cache" in proc.stderr and "model.checkpoint=PATH" in proc.stderr
+
+
+def test_unknown_option_gets_hydras_listing(workdir):
+    proc, _ = train(workdir, "method=not_a_method", name="bad_group")
+    assert proc.returncode != 0
+    assert "Could not find 'method/not_a_method'" in proc.stderr and "Available options" in proc.stderr
+    assert "tome" in proc.stderr
+
+
+# --- config errors, in process (no subprocess start-up): raised before any training ------------------
+@pytest.fixture
+def compose(tmp_path, monkeypatch):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def make(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = hydra_compose("train", overrides=[f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
+                                                    *overrides], return_hydra_config=True)
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "out")
+            del cfg.hydra
+        return cfg
+
+    return make
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (["method.params.r=-1"], "ReductionConfigError", "r must be >= 0"),
+    (["method.params.r=5"], "ReductionConfigError", "removes 20 tokens"),  # 16 patch tokens, 4 blocks
+    (["method=evit", "method.params.keep_rate=1.5", "method.params.locations=[1]"], "ReductionConfigError",
+     "keep_rate"),
+    (["method=evit", "method.params.keep_rate=0", "method.params.locations=[1]"], "ReductionConfigError",
+     "keep_rate"),
+    (["model.img_size=30"], "BackboneError", "not divisible by the patch size"),
+    (["data=imagenet", "data.root=/no/such/imagenet"], "DataError", "/no/such/imagenet"),
+    (["distill.type=kl"], "ReductionConfigError", "distill.type"),
+])
+def test_config_errors_before_training(compose, overrides, error, match, tmp_path):
+    from src.trainer.run import USER_ERRORS, run
+
+    cfg = compose(*overrides)
+    with pytest.raises(USER_ERRORS, match=match) as info:
+        run(cfg)
+    assert type(info.value).__name__ == error
+    assert not (tmp_path / "cache" / "teachers").exists(), "a teacher was trained before the error"
+
+
+def test_checkpoint_for_another_architecture_is_refused(compose, tmp_path):
+    from src.models.backbone import create_backbone
+    from src.models.weights import WeightsError
+    from src.trainer.run import run
+
+    other = create_backbone({"name": "deit_tiny_patch16_224", "num_classes": 10})
+    path = tmp_path / "deit_tiny.pth"
+    torch.save({"model": other.state_dict()}, path)
+    with pytest.raises(WeightsError, match="another architecture"):
+        run(compose(f"model.checkpoint={path}"))
