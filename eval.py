@@ -1,0 +1,25 @@
+"""Evaluate a token-reduced timm ViT off-the-shelf (no training): `python eval.py model=deit_s method=tome`.
+Same config tree as train.py, with train=false (conf/eval.yaml)."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from src.trainer.run import USER_ERRORS, run
+
+    try:
+        run(cfg)
+    except USER_ERRORS as err:
+        print(f"\nerror: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
