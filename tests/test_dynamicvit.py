@@ -118,6 +118,31 @@ def test_predictor_global_feature_ignores_dropped_tokens():
     assert not torch.allclose(out[:, 2], out2[:, 2])
 
 
+def test_image_with_every_token_dropped_stays_finite():
+    """The reference divides 0/0 here (NaN); the guard gives a zero global feature instead and
+    leaves every other image untouched."""
+    torch.manual_seed(0)
+    p = PredictorLG(32)
+    x = torch.randn(2, 6, 32)
+    prev = torch.ones(2, 6, 1)
+    prev[1] = 0.0  # image 1: every token dropped at an earlier stage
+    out = p(x, prev)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:1], p(x[:1], prev[:1]))
+    torch.testing.assert_close(out[:1], ref_predictor(p, x[:1], prev[:1]))
+
+
+def test_training_with_few_patches_has_no_nan():
+    """16 patches and near-uniform fresh predictors: some images lose every token by stage 3."""
+    model = patched(0.9, [0, 1, 2, 3]).train()
+    torch.manual_seed(0)
+    state = model.forward_tokens(torch.randn(64, 3, 32, 32))
+    dropped_all = (state.extras["dynamicvit"]["decisions"][2].sum(1) == 0).sum()  # before the 4th predictor
+    assert dropped_all > 0, "the test needs an image with every token dropped"
+    assert torch.isfinite(state.x).all()
+    assert all(v == v for v in model.reduction.metrics(state).values())
+
+
 def test_strict_checkpoint_loading_official_layout():
     model = patched()
     sd = {k: v.clone() + 0.01 for k, v in model.state_dict().items()}

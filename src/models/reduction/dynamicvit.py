@@ -17,7 +17,12 @@ Inference (model.eval()): tokens are removed: the int(num_patches * ratio) patch
 highest keep score stay, CLS first, then in descending score order (197 -> 138 -> 97 -> 68 for DeiT
 at 0.7). Attention is the plain (fused) softmax.
 
-Deviations from the reference, all invisible on its own setting (DeiT at 224 px, one CLS token):
+Deviations from the reference, all invisible where the reference's outputs are finite:
+- when every patch token of an image has been dropped in training, the reference's masked mean in
+  the next predictor is 0/0 = NaN (and the NaN spreads through the batch-mean losses); here that
+  image's global feature is 0 instead. It happens often on small patch grids (the digits model has
+  16 patches) and at low keep rates (plausibly behind the NaN losses at keep 0.3 reported in
+  JoakimHaurum/TokenReduction issue #2);
 - the reference hard-codes 196 initial patches; here the input's actual patch count is used;
 - every prefix token (CLS, a distillation token, register tokens) is protected and never scored,
   where the reference knows only CLS. The head must read the class token (global_pool='token'),
@@ -68,8 +73,11 @@ class PredictorLG(nn.Module):
         x = self.in_conv(x)
         B, M, C = x.shape
         local = x[..., : C // 2]
-        # mean of the global half over the tokens still kept
-        glob = (x[..., C // 2:] * prev).sum(dim=1, keepdim=True) / prev.sum(dim=1, keepdim=True)
+        # mean of the global half over the tokens still kept. The decisions are hard 0/1, so the count
+        # is 0 or >= 1: the guard only changes the reference's 0/0 = NaN for an image whose tokens were
+        # all dropped (likely with few patches or low keep rates) into a zero global feature.
+        count = prev.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        glob = (x[..., C // 2:] * prev).sum(dim=1, keepdim=True) / count
         return self.out_conv(torch.cat([local, glob.expand(B, M, C // 2)], dim=-1))
 
 
