@@ -88,3 +88,9 @@ def test_gmacs_counts_what_runs(deit_tiny):
     """Counted, not estimated: a model on a smaller image costs proportionally less."""
     small = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=112)
     assert count_gmacs(small, img_size=112) < count_gmacs(deit_tiny) / 3.5
+
+
+@pytest.mark.parametrize("method", ["tome", "evit", "gtp", "dynamicvit", "bat", "mstm", "stvit"])
+def test_unknown_parameter_is_a_config_error(deit_tiny, method):
+    with pytest.raises(ReductionConfigError, match=f"method '{method}' does not take \\['bogus'\\]"):
+        apply_reduction(deit_tiny, method, bogus=1)

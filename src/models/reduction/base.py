@@ -21,6 +21,7 @@ softmax over the CLS query row for CLS-attention methods), the explicit map othe
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, List, Optional
 
@@ -322,6 +323,12 @@ def apply_reduction(
         raise ReductionConfigError(
             f"method '{method}' ranks tokens by CLS attention and needs a model with a class token; "
             f"{type(model).__name__} has none (global_pool={model.global_pool!r})"
+        )
+    accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "model")]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown and cls is not ReductionMethod:
+        raise ReductionConfigError(
+            f"method '{method}' does not take {unknown}; its parameters are {accepted}"
         )
     impl = cls(model, **params)
     model.__class__ = _reduced_class(type(model))
