@@ -422,3 +422,31 @@ def test_bad_parameters_raise_before_any_forward(params, match):
 def test_average_pool_model_is_rejected():
     with pytest.raises(ReductionConfigError, match="global_pool='token'"):
         apply_reduction(tiny(global_pool="avg"), "dynamicvit", locations=[1, 2, 3])
+
+
+# --- end to end ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_py_finetune_lowers_the_keep_ratio_loss(tmp_path):
+    """train.py experiment=dynamicvit_digits with tiny settings (fresh quickstart weights, no teacher
+    bootstrap, backbone frozen): the predictors learn the keep ratios within 16 steps."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "train.py", "experiment=dynamicvit_digits", "model.bootstrap.enabled=false",
+           "trainer.max_epochs=2", "trainer.limit_train_batches=8", "trainer.limit_val_batches=1",
+           "trainer.enable_progress_bar=false", "profile.enabled=false", "ema.enabled=false", "callbacks=none",
+           "logger=csv", "optim.backbone_freeze_epochs=2", "optim.lr=1e-2", "optim.lr_base_batch=16",
+           "optim.warmup_epochs=0", "data.batch_size=16", "data.eval_batch_size=50",
+           f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    ratio = {int(r["epoch"]): float(r["train/loss_ratio_epoch"]) for r in rows if r.get("train/loss_ratio_epoch")}
+    assert set(ratio) == {0, 1} and all(v == v for v in ratio.values())
+    assert ratio[1] < 0.6 * ratio[0], ratio
+    val = next(r for r in rows if r.get("val/keep_ratio_stage0"))
+    # inference keeps exactly int(16 * 0.7^(s+1)) of the 16 patch tokens
+    assert [float(val[f"val/keep_ratio_stage{s}"]) for s in range(3)] == [11 / 16, 7 / 16, 5 / 16]
