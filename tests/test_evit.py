@@ -190,7 +190,7 @@ def test_keep_one_is_the_unpatched_model(params):
         (dict(locations=[1, 1]), "repeat"),
         (dict(locations=3), "list of block indices"),
         (dict(fuse_token="yes"), "fuse_token"),
-        (dict(keep=0.7), "unknown parameters"),
+        (dict(keep=0.7), "does not take"),
     ],
 )
 def test_bad_params_raise_at_apply_time(params, match):

@@ -259,7 +259,7 @@ def test_graph_follows_input_dtype():
         (dict(num_neighbours=64), "smaller than the number of patches"),
         (dict(alpha=-0.1), "alpha"),
         (dict(token_scale="yes"), "token_scale"),
-        (dict(num_prop=4), "unknown parameters"),
+        (dict(num_prop=4), "does not take"),
     ],
 )
 def test_bad_params_raise_at_apply_time(params, match):

@@ -63,12 +63,7 @@ class EViT(ReductionMethod):
         keep_rate: Union[float, Sequence[float]] = 0.7,
         locations: Sequence[int] = (3, 6, 9),
         fuse_token: bool = True,
-        **unknown,
     ):
-        if unknown:
-            raise ReductionConfigError(
-                f"EViT got unknown parameters {sorted(unknown)}; it takes keep_rate, locations, fuse_token"
-            )
         self.depth = len(model.blocks)
         if isinstance(locations, (int, str)) or not isinstance(locations, Sequence):
             raise ReductionConfigError(f"EViT locations must be a list of block indices, got {locations!r}")
