@@ -222,3 +222,18 @@ def test_bad_method_parameters_fail_at_construction():
         make(params={"r": -1})
     with pytest.raises(ReductionConfigError, match="removes"):
         make(params={"r": 9})  # 16 patch tokens, 2 blocks
+
+
+def test_ema_follows_the_student_outside_the_optimizer():
+    m = fake_trainer(make(ema={"enabled": True, "decay": 0.5}))
+    m._trainer.global_step = 10
+    ema_params = {id(p) for p in m.ema.parameters()}
+    in_opt = {id(p) for g in m.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert not ema_params & in_opt and all(not p.requires_grad for p in m.ema.parameters())
+    before = m.ema.module.head.weight.clone()
+    with torch.no_grad():
+        m.student.head.weight.add_(1.0)
+    m.on_train_batch_end(None, None, 0)
+    expected = 0.5 * before + 0.5 * m.student.head.weight
+    assert torch.allclose(m.ema.module.head.weight, expected, atol=1e-6)
+    assert m.ema.module.reduction.name == "tome"  # the EMA copy is reduced like the student

@@ -16,9 +16,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-# a 2-block width-32 quickstart model, 3 teacher epochs without augmentation, 200 val images
+# a 2-block width-32 quickstart model, 2 teacher epochs without augmentation, 200 val images,
+# 20 student steps
 TINY = [
-    "model.kwargs.embed_dim=32", "model.kwargs.depth=2", "model.bootstrap.epochs=3",
+    "model.kwargs.embed_dim=32", "model.kwargs.depth=2", "model.bootstrap.epochs=2",
     "model.bootstrap.warmup_epochs=0", "data.max_shift=0", "data.val_per_class=20",
     "trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.enable_progress_bar=false",
     "profile.batch_size=16",

@@ -161,6 +161,8 @@ def bootstrap_teacher(cfg: DictConfig) -> str:
         tcfg.ema = OmegaConf.create({"enabled": False})
         tcfg.trainer.max_epochs = int(boot.epochs)
         tcfg.trainer.min_epochs = 1
+        # the teacher is trained on whole epochs unless the bootstrap itself says otherwise
+        tcfg.trainer.limit_train_batches = boot.get("limit_train_batches")
         tcfg.optim.lr = float(boot.lr)
         tcfg.optim.warmup_epochs = float(boot.get("warmup_epochs", 0))
         tcfg.optim.backbone_freeze_epochs = 0
