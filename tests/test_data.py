@@ -69,9 +69,15 @@ def test_random_shift_moves_the_digit_and_val_is_untouched(digits):
     assert torch.equal(val[0][0], base)
 
 
-def test_digits_reject_colour_models():
-    with pytest.raises(ValueError, match="in_chans must be 1"):
-        DigitsDataModule(in_chans=3)
+def test_digits_feed_colour_models_and_check_settings():
+    dm = DigitsDataModule(in_chans=3, img_size=32, batch_size=4)
+    dm.validate()
+    dm.setup()
+    x = next(iter(dm.val_dataloader()))[0]
+    assert x.shape == (4, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])  # the grey channel, repeated
+    for bad in (0, 500):
+        with pytest.raises(DataError, match=f"val_per_class={bad}"):
+            DigitsDataModule(val_per_class=bad).validate()
 
 
 def test_resize_to_model_size():

@@ -46,13 +46,16 @@ def stratified_split(labels: torch.Tensor, val_per_class: int, seed: int) -> Tup
 
 
 class DigitsDataset(Dataset):
-    """Normalised digit tensors; in training a random shift of up to `max_shift` pixels (zero fill)."""
+    """Normalised digit tensors, resized to `img_size` and the grey channel repeated to `in_chans`
+    (so any model can run on them, e.g. a 224x224 RGB DeiT); in training a random shift of up to
+    `max_shift` pixels (background fill)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, train: bool, max_shift: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, train: bool, max_shift: int,
+                 in_chans: int = 1):
         x = (images - DIGITS_MEAN) / DIGITS_STD
         if img_size != x.shape[-1]:
             x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-        self.x, self.y = x, labels
+        self.x, self.y = x.expand(-1, in_chans, -1, -1).contiguous(), labels
         self.train, self.max_shift = train, max_shift
         self.fill = -DIGITS_MEAN / DIGITS_STD  # the normalised value of a black pixel
 
@@ -80,23 +83,30 @@ class DigitsDataModule(L.LightningDataModule):
                  in_chans: int = 1, val_per_class: int = 100, split_seed: int = 0, max_shift: int = 2,
                  num_workers: int = 0, **_ignored):
         super().__init__()
-        if in_chans != 1:
-            raise ValueError(f"the digits are grey images: model.in_chans must be 1, got {in_chans}")
+        self.in_chans = in_chans
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.img_size, self.val_per_class, self.split_seed = img_size, val_per_class, split_seed
         self.max_shift, self.num_workers = max_shift, num_workers
         self.train_set = self.val_set = None
 
     def validate(self) -> None:
-        """Nothing on disk to check; the wheel's data is always there."""
+        """The wheel's data is always there; only the settings can be wrong."""
+        from .folder import DataError
+
+        if not 1 <= int(self.val_per_class) < 500:
+            raise DataError(f"data.val_per_class={self.val_per_class} must be between 1 and 499 "
+                            "(each digit class has 500 images)")
+        if int(self.in_chans) < 1 or int(self.img_size) < 1:
+            raise DataError(f"model.in_chans={self.in_chans} and model.img_size={self.img_size} must be positive")
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
         x, y = load_digits()
         tr, va = stratified_split(y, self.val_per_class, self.split_seed)
-        self.train_set = DigitsDataset(x[tr], y[tr], self.img_size, train=True, max_shift=self.max_shift)
-        self.val_set = DigitsDataset(x[va], y[va], self.img_size, train=False, max_shift=0)
+        self.train_set = DigitsDataset(x[tr], y[tr], self.img_size, train=True, max_shift=self.max_shift,
+                                       in_chans=self.in_chans)
+        self.val_set = DigitsDataset(x[va], y[va], self.img_size, train=False, max_shift=0, in_chans=self.in_chans)
 
     def train_dataloader(self) -> DataLoader:
         # drop_last: timm Mixup needs even batches, and equal-sized steps keep the lr schedule exact
