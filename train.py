@@ -14,11 +14,13 @@ from omegaconf import DictConfig  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
     from src.trainer.run import USER_ERRORS, run
 
     try:
-        run(cfg)
+        summary = run(cfg)
+        # hyper-parameter sweeps (hparams_search) optimise one summary.json key
+        return summary.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     except USER_ERRORS as err:  # user errors: one clear message, no stack trace
         print(f"\nerror: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -193,3 +193,13 @@ def test_checkpoint_for_another_architecture_is_refused(compose, tmp_path):
     torch.save({"model": other.state_dict()}, path)
     with pytest.raises(WeightsError, match="another architecture"):
         run(compose(f"model.checkpoint={path}"))
+
+
+def test_hparams_search_composes_for_optuna():
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=["hparams_search=tome_r_optuna"], return_hydra_config=True)
+    assert cfg.optimized_metric == "student_val_top1"
+    assert "optuna" in cfg.hydra.sweeper._target_ and cfg.hydra.sweeper.params["method.params.r"] == "range(1, 4)"
+    assert cfg.method.params.r == 2  # the quickstart default stays until the sweeper overrides it
