@@ -52,10 +52,10 @@ class DigitsDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, train: bool, max_shift: int,
                  in_chans: int = 1):
-        x = (images - DIGITS_MEAN) / DIGITS_STD
-        if img_size != x.shape[-1]:
-            x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-        self.x, self.y = x.expand(-1, in_chans, -1, -1).contiguous(), labels
+        # stored at 28x28 with one channel; resized / repeated per item so a 224x224 RGB model does
+        # not need 3 GB of copies
+        self.x, self.y = (images - DIGITS_MEAN) / DIGITS_STD, labels
+        self.img_size, self.in_chans = img_size, in_chans
         self.train, self.max_shift = train, max_shift
         self.fill = -DIGITS_MEAN / DIGITS_STD  # the normalised value of a black pixel
 
@@ -71,7 +71,10 @@ class DigitsDataset(Dataset):
             shifted[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
                 x[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
             x = shifted
-        return x, self.y[i]
+        if self.img_size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(x[None], size=(self.img_size, self.img_size), mode="bilinear",
+                                                align_corners=False)[0]
+        return x.expand(self.in_chans, -1, -1), self.y[i]
 
 
 class DigitsDataModule(L.LightningDataModule):
