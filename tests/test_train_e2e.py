@@ -172,6 +172,8 @@ def compose(tmp_path, monkeypatch):
     (["model.img_size=30"], "BackboneError", "not divisible by the patch size"),
     (["data=imagenet", "data.root=/no/such/imagenet"], "DataError", "/no/such/imagenet"),
     (["distill.type=kl"], "ReductionConfigError", "distill.type"),
+    (["ckpt_path=/no/such/last.ckpt"], "WeightsError", "ckpt_path=/no/such/last.ckpt"),
+    (["data.val_per_class=500"], "DataError", "val_per_class=500"),
 ])
 def test_config_errors_before_training(compose, overrides, error, match, tmp_path):
     from src.trainer.run import USER_ERRORS, run

@@ -243,6 +243,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     """Train (or with train=false only evaluate) as configured; returns the summary dict."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("ckpt_path") and not Path(str(cfg.ckpt_path)).expanduser().is_file():
+        raise WeightsError(f"ckpt_path={cfg.ckpt_path} is not a file; give the last.ckpt of the run to resume")
     dm = build_datamodule(cfg)  # data errors before any model is built
     check_config(cfg)  # size / method errors before weights or a quickstart teacher
     checkpoint = _weights_source(cfg)
