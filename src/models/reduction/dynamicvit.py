@@ -111,13 +111,7 @@ class DynamicViT(ReductionMethod):
         ratio_weight: float = 2.0,
         distill_weight: float = 0.5,
         token_distill_weight: float = 0.5,
-        **unknown: Any,
     ):
-        if unknown:
-            raise ReductionConfigError(
-                f"dynamicvit got unknown parameters {sorted(unknown)}; it takes keep_rate, locations, "
-                "ratio_weight, distill_weight, token_distill_weight"
-            )
         self.depth = len(model.blocks)
         if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0.0 < keep_rate <= 1.0:
             raise ReductionConfigError(f"dynamicvit keep_rate must be a number in (0, 1], got {keep_rate!r}")
