@@ -90,9 +90,7 @@ def quickstart_config(args):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    overrides = ["model=quickstart", "data=digits", "logger=csv", "trainer.enable_progress_bar=false",
-                 f"model.bootstrap.epochs={args.teacher_epochs}",
-                 f"model.bootstrap.warmup_epochs={min(1, args.teacher_epochs - 1)}"]
+    overrides = ["model=quickstart", "data=digits", "logger=csv", "trainer.enable_progress_bar=false"]
     if args.cache_dir:
         overrides.append(f"paths.cache_dir={args.cache_dir}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -101,18 +99,26 @@ def quickstart_config(args):
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(cfg.paths.log_dir) / "detection_demo")
         del cfg.hydra
+        boot = cfg.model.bootstrap
+        if args.teacher_epochs != boot.epochs:  # the quickstart's own epochs: its cached teacher is reused
+            boot.warmup_epochs = min(boot.warmup_epochs, args.teacher_epochs // 4)
+            boot.epochs = args.teacher_epochs
     return cfg
 
 
-def digit_vit_weights(args) -> Dict[str, torch.Tensor]:
-    """The quickstart teacher's weights (trained and cached on first use), without its classifier head."""
+def digit_vit_weights(args):
+    """The quickstart teacher's weights (trained and cached on first use) without its classifier head,
+    and its digit val top-1 as recorded in the cached file."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from src.trainer.run import bootstrap_teacher
 
     path = bootstrap_teacher(quickstart_config(args))
+    with safe_open(path, "pt") as f:
+        top1 = float((f.metadata() or {}).get("val_top1", "nan"))
     sd = load_file(path)
-    return {k: v for k, v in sd.items() if not k.startswith("head.")}
+    return {k: v for k, v in sd.items() if not k.startswith("head.")}, top1
 
 
 def make_vit(args, weights: Optional[Dict[str, torch.Tensor]]):
@@ -236,8 +242,11 @@ NAMES = {"stvit": "STViT-R", "none": "unreduced"}
 
 def markdown(results: dict) -> str:
     cfg = results["config"]
+    init = results["init"]
+    if init == "teacher":
+        init = f"digit teacher ({cfg['teacher_epochs']} epochs, val top-1 {results['teacher_val_top1']:.1f}%)"
     lines = [f"Faster R-CNN on digit canvases ({cfg['canvas']}px, patch {cfg['patch']}), {cfg['steps']} steps at "
-             f"batch {cfg['batch_size']}, init: {results['init']}, {cfg['val']} held-out canvases, "
+             f"batch {cfg['batch_size']}, init: {init}, {cfg['val']} held-out canvases, "
              f"torch threads {results['threads']}, load average at start {results['load_average']}",
              "",
              "| backbone | mAP | mAP@50 | box loss (5 chunk means, start -> end) | ViT GMACs | backbone GMACs "
@@ -263,7 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--mlp-ratio", type=float, default=2.0)
     p.add_argument("--init", choices=("teacher", "scratch"), default="teacher",
                    help="teacher: the quickstart's digit-trained ViT (trained and cached on first use)")
-    p.add_argument("--teacher-epochs", type=int, default=4, help="epochs of the cached digit teacher")
+    p.add_argument("--teacher-epochs", type=int, default=4,
+                   help="epochs of the digit teacher (30: the quickstart's own cached teacher)")
     p.add_argument("--cache-dir", default=None, help="teacher cache (default: the config's paths.cache_dir)")
     p.add_argument("--block", type=int, default=1, help="STViT generation block (blocks block, block+1)")
     p.add_argument("--pool-size", type=int, default=4, help="semantic tokens = pool_size^2")
@@ -292,10 +302,10 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     train_x, train_y, val_x, val_y = digit_splits()
-    weights = digit_vit_weights(args) if args.init == "teacher" else None
+    weights, teacher_top1 = digit_vit_weights(args) if args.init == "teacher" else (None, None)
     val_rng = np.random.default_rng(10_000 + args.seed)
     val_set = [make_canvas(val_x, val_y, val_rng, args.canvas) for _ in range(args.val)]
-    results = {"init": args.init, "threads": torch.get_num_threads(),
+    results = {"init": args.init, "teacher_val_top1": teacher_top1, "threads": torch.get_num_threads(),
                "load_average": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None}
     for m in ("stvit", "none"):
         results[m] = train_and_eval(m, args, weights, (train_x, train_y), val_set)

@@ -177,3 +177,27 @@ def test_demo_one_training_step_and_evaluation():
     assert out["stvit"]["vit_gmacs"] < out["none"]["vit_gmacs"]
     assert out["stvit"]["backbone_gmacs"] - out["stvit"]["vit_gmacs"] == pytest.approx(
         out["none"]["backbone_gmacs"] - out["none"]["vit_gmacs"], rel=1e-3)
+
+
+def test_demo_teacher_is_the_quickstart_teacher_at_its_own_epochs(tmp_path):
+    """At the quickstart's epochs the demo reuses `python train.py`'s cached teacher (same cache key);
+    fewer epochs are a separate cached teacher. Nothing is trained here."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from scripts.detection_demo import ROOT, parse_args, quickstart_config
+    from src.trainer.run import teacher_cache_path
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        plain = compose("train", overrides=[f"paths.cache_dir={tmp_path}"], return_hydra_config=True)
+    HydraConfig().set_config(plain)
+    with open_dict(plain):
+        del plain.hydra
+    epochs = int(plain.model.bootstrap.epochs)
+    same = quickstart_config(parse_args(["--cache-dir", str(tmp_path), "--teacher-epochs", str(epochs)]))
+    short = quickstart_config(parse_args(["--cache-dir", str(tmp_path), "--teacher-epochs", "4"]))
+    assert teacher_cache_path(same) == teacher_cache_path(plain)
+    assert teacher_cache_path(short) != teacher_cache_path(plain)
+    assert short.model.bootstrap.epochs == 4 and short.model.bootstrap.warmup_epochs <= 1
+    assert not any(tmp_path.iterdir())
