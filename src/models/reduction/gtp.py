@@ -138,10 +138,12 @@ def biased_softmax(bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
     spares two B x H x N x N allocations per block, which dominate GTP's overhead on CPU."""
 
     def softmax(logits: Tensor) -> Tensor:
+        in_place = not logits.requires_grad and logits.dtype in (torch.float32, torch.float64) and (
+            bias is None or bias.dtype == logits.dtype)
+        if not in_place:  # training, or autocast (the reference promotes the biased logits to fp32)
+            return (logits if bias is None else logits + bias).softmax(dim=-1)
         if bias is not None:
-            logits = logits.add_(bias)
-        if logits.requires_grad:
-            return logits.softmax(dim=-1)
+            logits.add_(bias)
         return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
     return softmax
