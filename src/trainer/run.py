@@ -28,6 +28,8 @@ from src.models.reduction import ReductionConfigError
 from src.models.reduction.schedules import resolve_params
 from src.models.weights import WeightsError
 
+from .callbacks import prepare_wandb, token_images_callback
+from .distributed import is_global_zero, unpadded_validation
 from .module import DISTILL_TYPES, ReductionModule, is_patchable, reduce_backbone
 
 log = logging.getLogger(__name__)
@@ -88,13 +90,17 @@ def build_loggers(cfg: DictConfig) -> List[Any]:
     loggers = []
     for _, lg_cfg in (cfg.get("logger") or {}).items():
         if lg_cfg is not None and "_target_" in lg_cfg:
+            if lg_cfg._target_.endswith("WandbLogger"):  # sweep group, run id kept for resuming
+                lg_cfg = prepare_wandb(plain(lg_cfg), str(cfg.paths.output_dir))
             loggers.append(hydra.utils.instantiate(lg_cfg))
     return loggers
 
 
 def build_callbacks(cfg: DictConfig) -> List[Any]:
-    return [hydra.utils.instantiate(c) for _, c in (cfg.get("callbacks") or {}).items()
-            if c is not None and "_target_" in c]
+    callbacks = [hydra.utils.instantiate(c) for _, c in (cfg.get("callbacks") or {}).items()
+                 if c is not None and "_target_" in c]
+    tokens = token_images_callback(plain(cfg.get("logger")))  # logger=wandb: token pictures
+    return callbacks + ([tokens] if tokens is not None else [])
 
 
 def build_trainer(cfg: DictConfig, loggers: List[Any], callbacks: List[Any]) -> L.Trainer:
@@ -243,9 +249,10 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     """Train (or with train=false only evaluate) as configured; returns the summary dict."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("ckpt_path") and not Path(str(cfg.ckpt_path)).expanduser().is_file():
+    # "last": Lightning's newest last*.ckpt in this run folder's checkpoints (none yet: start fresh)
+    if cfg.get("ckpt_path") not in (None, "last") and not Path(str(cfg.ckpt_path)).expanduser().is_file():
         raise WeightsError(f"ckpt_path={cfg.ckpt_path} is not a file; give the last.ckpt of the run to resume")
-    dm = build_datamodule(cfg)  # data errors before any model is built
+    dm = unpadded_validation(build_datamodule(cfg))  # data errors before any model is built; exact DDP val
     check_config(cfg)  # size / method errors before weights or a quickstart teacher
     checkpoint = _weights_source(cfg)
     if cfg.get("seed") is not None:
@@ -256,7 +263,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(resolved)
-    prof: Dict[str, Any] = profile(module, cfg) if cfg.get("profile", {}).get("enabled", True) else {}
+    # profiled once, by the global rank 0 (the only one that writes the summary)
+    prof: Dict[str, Any] = profile(module, cfg) if cfg.get("profile", {}).get("enabled", True) and is_global_zero() else {}
     for lg in loggers:
         lg.log_metrics({f"profile/{k}": v for k, v in prof.items() if isinstance(v, float)}, step=0)
     log.info("Profile: %s", prof)
@@ -276,6 +284,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         val = {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()}
 
     summary = summarise(cfg, module, prof, val, best, last)
+    if not trainer.is_global_zero:  # DDP: one summary, written by rank 0
+        return summary
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
