@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -123,9 +124,7 @@ def prepare_wandb(lg_cfg: Dict[str, Any], output_dir: str) -> Dict[str, Any]:
         if id_file.is_file():
             cfg["id"] = id_file.read_text().strip()
         elif is_global_zero():  # only rank 0 has a real W&B run
-            import wandb
-
-            cfg["id"] = wandb.util.generate_id()
+            cfg["id"] = uuid.uuid4().hex[:8]  # W&B run ids are short lowercase alphanumerics
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(cfg["id"])
     if cfg.get("id"):
