@@ -1,3 +1,4 @@
+import src  # noqa: F401  (first: sets OpenMP's wait policy before torch is imported)
 import pytest
 import timm
 import torch

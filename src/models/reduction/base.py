@@ -67,11 +67,12 @@ class TokenState:
         optionally append `extra` tokens (B, E, C) whose source rows are `extra_source` (B, E, N0).
         x, size and source are gathered together so they never fall out of step."""
         p = self.num_protected
-        self.x = torch.cat([self.x[:, :p], gather_tokens(self.x[:, p:], idx)], dim=1)
+        idx = idx + p  # indices into the whole sequence: no copy of a sliced view
+        self.x = torch.cat([self.x[:, :p], gather_tokens(self.x, idx)], dim=1)
         if self.size is not None:
-            self.size = torch.cat([self.size[:, :p], gather_tokens(self.size[:, p:], idx)], dim=1)
+            self.size = torch.cat([self.size[:, :p], gather_tokens(self.size, idx)], dim=1)
         if self.source is not None:
-            self.source = torch.cat([self.source[:, :p], gather_tokens(self.source[:, p:], idx)], dim=1)
+            self.source = torch.cat([self.source[:, :p], gather_tokens(self.source, idx)], dim=1)
         if extra is not None:
             self.x = torch.cat([self.x, extra], dim=1)
             if self.source is not None and extra_source is not None:
@@ -79,8 +80,13 @@ class TokenState:
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """x: (B, N, C), idx: (B, K) -> (B, K, C)."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x: (B, N, C), idx: (B, K) -> (B, K, C).
+
+    A row lookup on the flattened batch: on CPU several times faster than `gather` with an index
+    expanded over the channels (it is on every reducing method's hot path)."""
+    B, N, C = x.shape
+    flat = (idx + torch.arange(B, device=idx.device)[:, None] * N).reshape(-1)
+    return x.reshape(B * N, C).index_select(0, flat).view(B, idx.shape[1], C)
 
 
 @dataclass
