@@ -28,7 +28,7 @@ from src.models.reduction import ReductionConfigError
 from src.models.reduction.schedules import resolve_params
 from src.models.weights import WeightsError
 
-from .callbacks import prepare_wandb, token_images_callback
+from .callbacks import finish_wandb, prepare_wandb, token_images_callback
 from .distributed import is_global_zero, unpadded_validation
 from .module import DISTILL_TYPES, ReductionModule, is_patchable, reduce_backbone
 
@@ -294,5 +294,6 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
                         if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=trainer.global_step)
         if hasattr(lg, "finalize"):
             lg.finalize("success")
+    finish_wandb(loggers)  # close the W&B run: the next job of a multirun (same process) starts its own
     print(format_summary(summary), flush=True)
     return summary
