@@ -15,12 +15,17 @@ from omegaconf import DictConfig  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
-    from src.trainer.run import USER_ERRORS, run
+    from src.trainer.distributed import is_global_zero
+    from src.trainer.objective import check_objective, objective
+    from src.trainer.run import USER_ERRORS, plain, run
 
     try:
+        metric, budget = plain(cfg.get("optimized_metric")), plain(cfg.get("budget"))
+        check_objective(metric, budget)
         summary = run(cfg)
-        # hyper-parameter sweeps (hparams_search) optimise one summary.json key
-        return summary.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+        # hyper-parameter sweeps (hparams_search): summary.json key(s), optionally under a GMACs budget;
+        # under DDP only the global rank 0 has the full summary
+        return objective(summary, metric, budget) if is_global_zero() else None
     except USER_ERRORS as err:  # user errors: one clear message, no stack trace
         print(f"\nerror: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
