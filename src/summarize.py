@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-COLUMNS = ["run", "method", "params", "gmacs", "throughput", "top1", "teacher_top1"]
+COLUMNS = ["run", "method", "schedule", "params", "gmacs", "throughput", "top1", "teacher_top1"]
 
 
 def _overrides(run_dir: Path) -> str:
@@ -19,13 +19,24 @@ def _overrides(run_dir: Path) -> str:
     return " ".join(yaml.safe_load(path.read_text()) or []) or "(defaults)"
 
 
+def _schedule(run_dir: Path) -> str:
+    """The run's token schedule from its saved Hydra config, e.g. "flops gmacs=3.0" ("" for none)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return ""
+    import yaml
+
+    node = (yaml.safe_load(path.read_text()) or {}).get("schedule") or {}
+    return " ".join([str(node.get("name", ""))] + [f"{k}={v}" for k, v in node.items() if k != "name"]).strip()
+
+
 def collect(root: Path) -> List[Dict]:
     """One row per run below `root` that finished and wrote summary.json."""
     rows = []
     for path in sorted(root.rglob("summary.json")):
         s = json.loads(path.read_text())
         rows.append(dict(
-            run=_overrides(path.parent), dir=str(path.parent), method=s.get("method"),
+            run=_overrides(path.parent), dir=str(path.parent), method=s.get("method"), schedule=_schedule(path.parent),
             params=s.get("method_params", ""), gmacs=s.get("student_gmacs"),
             throughput=s.get("student_throughput"), top1=s.get("student_val_top1"),
             teacher_top1=s.get("teacher_val_top1"), teacher_gmacs=s.get("teacher_gmacs"),
@@ -52,9 +63,10 @@ def markdown(rows: List[Dict]) -> str:
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    lines = ["| run | method | GMACs | img/s | top-1 (%) | teacher top-1 (%) |", "|---|---|---|---|---|---|"]
+    lines = ["| run | method | schedule | GMACs | img/s | top-1 (%) | teacher top-1 (%) |",
+             "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"] or "", -(r["gmacs"] or 0))):
-        lines.append(f"| {r['run']} | {r['method']} | {fmt(r['gmacs'], '.3f')} | {fmt(r['throughput'], '.0f')} | "
+        lines.append(f"| {r['run']} | {r['method']} | {r.get('schedule', '')} | {fmt(r['gmacs'], '.3f' if (r['gmacs'] or 0) >= 0.1 else '.3g')} | {fmt(r['throughput'], '.0f')} | "
                      f"{fmt(r['top1'], '.2f')} | {fmt(r['teacher_top1'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
