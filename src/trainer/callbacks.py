@@ -132,6 +132,15 @@ def prepare_wandb(lg_cfg: Dict[str, Any], output_dir: str) -> Dict[str, Any]:
     return cfg
 
 
+def finish_wandb(loggers) -> None:
+    """Finish the W&B runs of these loggers (Lightning's WandbLogger leaves its run open)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            lg.experiment.finish()
+
+
 def token_images_callback(logger_cfg) -> Optional[TokenImages]:
     """A TokenImages callback when the logger group configures one (logger=wandb)."""
     node = (logger_cfg or {}).get("token_images")
