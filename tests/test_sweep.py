@@ -96,3 +96,24 @@ def test_optuna_multi_objective_multirun_and_summary(tmp_path_factory):
         assert f"| {s['student_val_top1']:.2f} | {s['teacher_val_top1']:.2f} |" in table
         assert f"| {s['student_gmacs']:.3g} |" in table
     assert (sweep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (sweep / "pareto.png").stat().st_size > 5000
+
+
+def test_sweep_and_cluster_configs_compose():
+    """hparams_search configs, trainer=ddp and the SLURM launcher resolve to what the docs say."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        budget = compose("train", overrides=["hparams_search=gmacs_budget_optuna"], return_hydra_config=True)
+        multi = compose("train", overrides=["hparams_search=accuracy_gmacs_optuna"], return_hydra_config=True)
+        slurm = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                                            "trainer.num_nodes=2"], return_hydra_config=True)
+    assert budget.optimized_metric == "student_val_top1" and budget.budget.teacher_ratio == 0.85
+    assert budget.hydra.sweeper.direction == "maximize" and "method.params.r" in budget.hydra.sweeper.params
+    assert list(multi.optimized_metric) == ["student_val_top1", "student_gmacs"]
+    assert list(multi.hydra.sweeper.direction) == ["maximize", "minimize"]
+    assert multi.hydra.sweeper.sampler._target_.endswith("NSGAIISampler") and multi.hydra.sweeper.sampler.seed == 1234
+    check_objective(multi.optimized_metric, multi.get("budget"))
+    launcher = slurm.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert slurm.trainer.strategy == "ddp" and slurm.trainer.num_nodes == 2
