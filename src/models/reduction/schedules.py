@@ -92,13 +92,14 @@ def _int(v, what: str) -> int:
 
 def solve_for_gmacs(
     model, method: str, params: Dict[str, Any], kind: str, gmacs: float, img_size=None, in_chans=None,
-    tolerance: float = 0.05,
+    tolerance: float = 0.03,
 ) -> Dict[str, Any]:
     """Find the reduction that brings the counted GMACs of `method` on `model` closest to `gmacs`.
 
     r-methods: the largest constant r whose cost stays >= the target, plus one more token in the
     first k blocks (earlier blocks save more), k chosen to land closest. keep-rate methods: bisection
-    on the keep rate at the method's locations. Raises when the target is out of reach.
+    on the keep rate at the method's locations. Raises when the closest setting misses the target by
+    more than `tolerance` (relative), naming what is reachable.
     """
     from ..profile import count_gmacs
 
@@ -124,18 +125,18 @@ def solve_for_gmacs(
 
     base = count_gmacs(_unreduced(scratch), img, chans)
     if target > base + 1e-9:
-        raise ReductionConfigError(f"schedule.gmacs={target} is above the unreduced model's {base:.3f} GMACs")
+        raise ReductionConfigError(f"schedule.gmacs={target} is above the unreduced model's {base:.4g} GMACs")
 
     if kind == "r":
         best = _solve_r(cost, depth, target)
     else:
         best = _solve_keep(cost, target)
     achieved = cost(best)
-    if abs(achieved - target) > tolerance:
+    if abs(achieved - target) > tolerance * target:
         lowest = min(v for v in cache.values() if v == v)
         raise ReductionConfigError(
-            f"method '{method}' cannot reach {target} GMACs within {tolerance} (closest: {achieved:.3f} at "
-            f"{kind}={best}; lowest found {lowest:.3f}, unreduced {base:.3f})"
+            f"method '{method}' cannot reach {target} GMACs within {tolerance:.0%} (closest: {achieved:.4g} at "
+            f"{kind}={best}; lowest found {lowest:.4g}, unreduced {base:.4g})"
         )
     return {**params, kind: best}
 
