@@ -191,7 +191,7 @@ def test_gradients_flow():
         (dict(pair_ratio=-0.1), "got -0.1"),
         (dict(knn=0), "knn .* got 0"),
         (dict(keep_rate=1.0, pair_ratio=0.2), "identity"),
-        (dict(clusters=4), "unknown parameters \\['clusters'\\]"),
+        (dict(clusters=4), "does not take \\['clusters'\\]"),
     ],
 )
 def test_bad_parameters_raise_at_apply_time(params, match):

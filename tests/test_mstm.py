@@ -157,7 +157,7 @@ def test_deterministic_and_batch_independent():
         (dict(scales=[1]), "pooling windows >= 2"),
         (dict(scales=[2, 16]), "must not exceed the 8x8 patch grid"),
         (dict(fusion="yes"), "fusion must be true or false"),
-        (dict(ratio=0.5), "unknown parameters \\['ratio'\\]"),
+        (dict(ratio=0.5), "does not take \\['ratio'\\]"),
     ],
 )
 def test_bad_parameters_raise_at_apply_time(params, match):
@@ -189,3 +189,12 @@ def test_default_schedule_saves_about_a_third_of_deit_s_compute():
     assert counts == [197] * 3 + [139] * 3 + [98] * 3 + [69] * 3
     saving = 1 - count_gmacs(model) / full
     assert 0.31 <= saving <= 0.35, saving  # the paper's headline: 33% fewer
+
+
+def test_unsorted_locations_pair_with_their_keep_rates(deit_tiny):
+    """A per-location keep-rate list pairs with the locations as given, in any order."""
+    from src.models import apply_reduction
+
+    counts = apply_reduction(deit_tiny, "mstm", keep_rate=[0.5, 0.9], locations=[6, 2]).forward_tokens(
+        torch.randn(1, 3, 224, 224)).tokens_per_block
+    assert counts[2] == 1 + 177 and counts[6] == 1 + 89  # ceil(0.9 * 196) at block 2, then ceil(0.5 * 177)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn as nn

@@ -22,8 +22,10 @@ softmax over the CLS query row for CLS-attention methods), the explicit map othe
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional
+from numbers import Real
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -226,6 +228,62 @@ class ReductionMethod:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+# --- shared by the methods that reduce at chosen blocks by CLS attention (EViT, BAT, MSTM) ---------
+CLS_ROW = AttentionRequest(need="cls")
+
+
+def parse_locations(locations, depth: int, method: str) -> List[int]:
+    """A list of distinct 0-based block indices of a `depth`-block model."""
+    if isinstance(locations, (int, str)) or not isinstance(locations, Sequence):
+        raise ReductionConfigError(f"{method} locations must be a list of block indices, got {locations!r}")
+    locs = list(locations)
+    for loc in locs:
+        if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < depth:
+            raise ReductionConfigError(
+                f"{method} location {loc!r} is not a block index of this {depth}-block model; "
+                f"use 0-based indices in [0, {depth - 1}] (e.g. [3, 6, 9] for 12 blocks)"
+            )
+    if len(set(locs)) != len(locs):
+        raise ReductionConfigError(f"{method} locations must not repeat a block, got {locs}")
+    return locs  # in the given order: a per-location keep-rate list pairs with it by position
+
+
+def check_fraction(value, what: str, method: str, lo: float, hi: float, lo_open: bool) -> float:
+    ok = isinstance(value, Real) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = (lo < v if lo_open else lo <= v) and v <= hi
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ReductionConfigError(f"{method} {what} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def parse_keep_rates(keep_rate, num_locations: int, method: str) -> List[float]:
+    """One keep rate in (0, 1] per location, from a float or a per-location list."""
+    if isinstance(keep_rate, Sequence) and not isinstance(keep_rate, str):
+        if len(keep_rate) != num_locations:
+            raise ReductionConfigError(
+                f"{method} keep_rate list has {len(keep_rate)} entries but there are {num_locations} "
+                "locations; give one keep rate per location or a single float"
+            )
+        return [check_fraction(k, f"keep_rate[{j}]", method, 0.0, 1.0, True) for j, k in enumerate(keep_rate)]
+    return [check_fraction(keep_rate, "keep_rate", method, 0.0, 1.0, True)] * num_locations
+
+
+def keep_count(keep_rate: float, num_candidates: int) -> int:
+    """EViT's ``ceil(keep_rate * (N - 1))`` with N - 1 = the non-protected tokens."""
+    return math.ceil(keep_rate * num_candidates)
+
+
+def rank_by_cls_attention(res: AttentionResult, num_protected: int) -> Tuple[Tensor, Tensor]:
+    """Head-mean CLS attention over the non-protected tokens (B, M) and their order, most attended
+    first (stable sort, so ties keep token order and the result is deterministic)."""
+    score = res.cls_attn[:, :, num_protected:].mean(dim=1)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    return score, order
 
 
 REGISTRY: Dict[str, type] = {"none": ReductionMethod}

@@ -25,7 +25,6 @@ published compute at the published keep rates (see ``DEFAULT_CLUSTER_RATIO``).
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,16 +33,21 @@ import torch.nn.functional as F
 from .base import (
     AttentionRequest,
     AttentionResult,
+    CLS_ROW,
     NO_REQUEST,
     ReductionConfigError,
     ReductionMethod,
     TokenState,
+    check_fraction,
     gather_tokens,
+    keep_count,
+    parse_keep_rates,
+    parse_locations,
+    rank_by_cls_attention,
     register,
 )
 
 Tensor = torch.Tensor
-CLS_ROW = AttentionRequest(need="cls")
 
 #: Default pair ratio: the fraction of attentive tokens merged away by bipartite matching.
 DEFAULT_PAIR_RATIO = 0.2
@@ -52,59 +56,6 @@ DEFAULT_PAIR_RATIO = 0.2
 #: (0.7: 3.005, 0.6: 2.583, 0.5: 2.344, 0.4: 2.083, 0.3: 1.823, 0.2: 1.645) with pair ratio 0.2.
 #: Other keep rates interpolate linearly; below 0.2 / above 0.7 the end values are used.
 DEFAULT_CLUSTER_RATIO = {0.2: 0.05, 0.3: 0.08, 0.4: 0.16, 0.5: 0.23, 0.6: 0.26, 0.7: 0.45}
-
-
-# --- parameter checks shared with MSTM --------------------------------------------------------------
-def parse_locations(locations, depth: int, method: str) -> List[int]:
-    """A list of distinct 0-based block indices of a `depth`-block model."""
-    if isinstance(locations, (int, str)) or not isinstance(locations, Sequence):
-        raise ReductionConfigError(f"{method} locations must be a list of block indices, got {locations!r}")
-    locs = list(locations)
-    for loc in locs:
-        if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < depth:
-            raise ReductionConfigError(
-                f"{method} location {loc!r} is not a block index of this {depth}-block model; "
-                f"use 0-based indices in [0, {depth - 1}] (e.g. [3, 6, 9] for 12 blocks)"
-            )
-    if len(set(locs)) != len(locs):
-        raise ReductionConfigError(f"{method} locations must not repeat a block, got {locs}")
-    return sorted(locs)
-
-
-def _check_fraction(value, what: str, method: str, lo: float, hi: float, lo_open: bool) -> float:
-    ok = isinstance(value, Real) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = (lo < v if lo_open else lo <= v) and v <= hi
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise ReductionConfigError(f"{method} {what} must be a number in {interval}, got {value!r}")
-    return float(value)
-
-
-def parse_keep_rates(keep_rate, num_locations: int, method: str) -> List[float]:
-    """One keep rate in (0, 1] per location, from a float or a per-location list."""
-    if isinstance(keep_rate, Sequence) and not isinstance(keep_rate, str):
-        if len(keep_rate) != num_locations:
-            raise ReductionConfigError(
-                f"{method} keep_rate list has {len(keep_rate)} entries but there are {num_locations} "
-                "locations; give one keep rate per location or a single float"
-            )
-        return [_check_fraction(k, f"keep_rate[{j}]", method, 0.0, 1.0, True) for j, k in enumerate(keep_rate)]
-    return [_check_fraction(keep_rate, "keep_rate", method, 0.0, 1.0, True)] * num_locations
-
-
-def attentive_count(keep_rate: float, num_candidates: int) -> int:
-    """EViT's ``ceil(keep_rate * (N - 1))`` with N - 1 = the non-protected tokens."""
-    return math.ceil(keep_rate * num_candidates)
-
-
-def rank_by_cls_attention(res: AttentionResult, num_protected: int) -> Tuple[Tensor, Tensor]:
-    """Head-mean CLS attention over the non-protected tokens (B, M) and their order, most attended
-    first (stable sort, so ties keep token order and the result is deterministic)."""
-    score = res.cls_attn[:, :, num_protected:].mean(dim=1)
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    return score, order
 
 
 def pairwise_distances(x: Tensor) -> Tensor:
@@ -128,7 +79,7 @@ def default_cluster_ratio(keep_rate: float) -> float:
 
 def bat_counts(num_candidates: int, keep_rate: float, cluster_ratio: float, pair_ratio: float) -> Tuple[int, int, int, int]:
     """(attentive K, inattentive I, clusters, pairs) at a location with `num_candidates` tokens."""
-    k = attentive_count(keep_rate, num_candidates)
+    k = keep_count(keep_rate, num_candidates)
     i = num_candidates - k
     clusters = math.ceil(cluster_ratio * i) if i > 0 else 0
     pairs = math.floor(pair_ratio * k)
@@ -217,13 +168,7 @@ class BAT(ReductionMethod):
         cluster_ratio: Optional[float] = None,
         pair_ratio: Optional[float] = None,
         knn: int = 5,
-        **unknown,
     ):
-        if unknown:
-            raise ReductionConfigError(
-                f"BAT got unknown parameters {sorted(unknown)}; it takes keep_rate, locations, "
-                "cluster_ratio, pair_ratio, knn"
-            )
         self.depth = len(model.blocks)
         self.locations = parse_locations(locations, self.depth, "BAT")
         self.keep_rates = parse_keep_rates(keep_rate, len(self.locations), "BAT")
@@ -232,10 +177,10 @@ class BAT(ReductionMethod):
         self.knn = knn
         if cluster_ratio is not None:
             # 0 clusters would discard the inattentive tokens, which BAT never does
-            cluster_ratio = _check_fraction(cluster_ratio, "cluster_ratio", "BAT", 0.0, 1.0, True)
+            cluster_ratio = check_fraction(cluster_ratio, "cluster_ratio", "BAT", 0.0, 1.0, True)
         if pair_ratio is not None:
             # at most every second attentive token can find a partner in the bipartite split
-            pair_ratio = _check_fraction(pair_ratio, "pair_ratio", "BAT", 0.0, 0.5, False)
+            pair_ratio = check_fraction(pair_ratio, "pair_ratio", "BAT", 0.0, 0.5, False)
         if all(k == 1.0 for k in self.keep_rates) and (cluster_ratio or pair_ratio):
             raise ReductionConfigError(
                 "BAT with keep_rate 1 keeps every token unchanged (identity), so cluster_ratio/pair_ratio "

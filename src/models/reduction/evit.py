@@ -21,37 +21,25 @@ Extensions beyond the reference, documented here:
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
-from typing import List, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
 from .base import (
     AttentionRequest,
     AttentionResult,
+    CLS_ROW,
     NO_REQUEST,
     ReductionConfigError,
     ReductionMethod,
     TokenState,
+    keep_count,
+    parse_keep_rates,
+    parse_locations,
     register,
 )
 
 Tensor = torch.Tensor
-CLS_ROW = AttentionRequest(need="cls")
-
-
-def _check_rate(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 < float(value) <= 1.0):
-        raise ReductionConfigError(f"EViT {what} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def evit_keep_count(keep_rate: float, num_candidates: int) -> int:
-    """The reference's ``math.ceil(keep_rate * (N - 1))`` (same Python float arithmetic)."""
-    return math.ceil(keep_rate * num_candidates)
-
-
 @register
 class EViT(ReductionMethod):
     name = "evit"
@@ -65,26 +53,8 @@ class EViT(ReductionMethod):
         fuse_token: bool = True,
     ):
         self.depth = len(model.blocks)
-        if isinstance(locations, (int, str)) or not isinstance(locations, Sequence):
-            raise ReductionConfigError(f"EViT locations must be a list of block indices, got {locations!r}")
-        locs = list(locations)
-        for loc in locs:
-            if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < self.depth:
-                raise ReductionConfigError(
-                    f"EViT location {loc!r} is not a block index of this {self.depth}-block model; "
-                    f"use 0-based indices in [0, {self.depth - 1}] (e.g. [3, 6, 9] for 12 blocks)"
-                )
-        if len(set(locs)) != len(locs):
-            raise ReductionConfigError(f"EViT locations must not repeat a block, got {locs}")
-        if isinstance(keep_rate, Sequence) and not isinstance(keep_rate, str):
-            if len(keep_rate) != len(locs):
-                raise ReductionConfigError(
-                    f"EViT keep_rate list has {len(keep_rate)} entries but there are {len(locs)} locations "
-                    f"{locs}; give one keep rate per location or a single float"
-                )
-            rates = [_check_rate(k, f"keep_rate[{j}]") for j, k in enumerate(keep_rate)]
-        else:
-            rates = [_check_rate(keep_rate, "keep_rate")] * len(locs)
+        locs = parse_locations(locations, self.depth, "EViT")
+        rates = parse_keep_rates(keep_rate, len(locs), "EViT")
         if not isinstance(fuse_token, bool):
             raise ReductionConfigError(f"EViT fuse_token must be true or false, got {fuse_token!r}")
         self.locations = locs
@@ -102,7 +72,7 @@ class EViT(ReductionMethod):
             return state
         p = state.num_protected
         candidates = state.num_tokens - p
-        left = evit_keep_count(keep_rate, candidates)
+        left = keep_count(keep_rate, candidates)
         if left >= candidates:
             return state
         # CLS query row, averaged over heads, over the non-protected tokens: (B, N - p)

@@ -27,16 +27,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import (
-    AttentionResult,
-    NO_REQUEST,
     AttentionRequest,
+    AttentionResult,
+    CLS_ROW,
+    NO_REQUEST,
     ReductionConfigError,
     ReductionMethod,
     TokenState,
     gather_tokens,
+    keep_count,
+    parse_keep_rates,
+    parse_locations,
+    rank_by_cls_attention,
     register,
 )
-from .bat import CLS_ROW, attentive_count, parse_keep_rates, parse_locations, rank_by_cls_attention
 
 Tensor = torch.Tensor
 FUSION_ATTR = "mstm_fusion"
@@ -104,12 +108,7 @@ class MSTM(ReductionMethod):
         locations: Sequence[int] = (3, 6, 9),
         fusion: bool = True,
         scales: Sequence[int] = (2, 4),
-        **unknown,
     ):
-        if unknown:
-            raise ReductionConfigError(
-                f"MSTM got unknown parameters {sorted(unknown)}; it takes keep_rate, locations, fusion, scales"
-            )
         self.depth = len(model.blocks)
         self.locations = parse_locations(locations, self.depth, "MSTM")
         self.keep_rates = parse_keep_rates(keep_rate, len(self.locations), "MSTM")
@@ -134,7 +133,7 @@ class MSTM(ReductionMethod):
             if not self.locations:
                 raise ReductionConfigError("MSTM fusion happens before the first location; give at least one location")
             self.scales = tuple(scales)
-            self.fusion_block = self.locations[0]
+            self.fusion_block = min(self.locations)
             self._attach_fusion(model)
 
     def _attach_fusion(self, model) -> None:
@@ -172,7 +171,7 @@ class MSTM(ReductionMethod):
             return state
         p = state.num_protected
         candidates = state.num_tokens - p
-        k = attentive_count(keep_rate, candidates)
+        k = keep_count(keep_rate, candidates)
         if k >= candidates:
             return state
         if state.size is None:
