@@ -86,6 +86,6 @@ def run_benchmark(own: Mapping[str, str], overrides: Sequence[str]) -> List[Dict
           f"threads={torch.get_num_threads()}")
     print(f"{'method':<11}{'params':<44}{'Mparams':>8}{'GMACs':>8}{'img/s':>9}{'speedup':>9}{'ideal':>7}{'of ideal':>9}")
     for r in rows:
-        print(f"{r['method']:<11}{r['params'][:43]:<44}{r['params_m']:>8.2f}{r['gmacs']:>8.3f}{r['images_per_s']:>9.1f}"
+        print(f"{r['method']:<11}{r['params'][:43]:<44}{r['params_m']:>8.2f}{r['gmacs']:>8.4g}{r['images_per_s']:>9.1f}"
               f"{r['speedup']:>8.2f}x{r['ideal_speedup']:>6.2f}x{r['fraction_of_ideal']:>9.2f}")
     return rows
