@@ -286,6 +286,38 @@ def rank_by_cls_attention(res: AttentionResult, num_protected: int) -> Tuple[Ten
     return score, order
 
 
+class KeepRateMethod(ReductionMethod):
+    """At chosen blocks, keep the ceil(keep_rate * (N - protected)) tokens the CLS token attends to
+    most (EViT's convention) and let the subclass's `reduce` decide what becomes of the kept tokens
+    and the rest (EViT drops or fuses them, BAT clusters and pairs, MSTM merges)."""
+
+    needs_class_token = True
+    label: ClassVar[str] = ""  # the method's name in error messages
+
+    def _set_schedule(self, model: VisionTransformer, keep_rate, locations) -> None:
+        self.depth = len(model.blocks)
+        self.locations = parse_locations(locations, self.depth, self.label)
+        self.keep_rates = parse_keep_rates(keep_rate, len(self.locations), self.label)
+        # block index -> keep rate, only where something can be removed (rate 1 is a no-op, as in EViT)
+        self.rate_at = {loc: k for loc, k in zip(self.locations, self.keep_rates) if k < 1.0}
+
+    def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
+        return CLS_ROW if i in self.rate_at else NO_REQUEST
+
+    def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
+        keep_rate = self.rate_at.get(i)
+        if keep_rate is None:
+            return state
+        candidates = state.num_tokens - state.num_protected
+        keep = keep_count(keep_rate, candidates)
+        if keep >= candidates:
+            return state
+        return self.reduce(state, res, keep)
+
+    def reduce(self, state: TokenState, res: AttentionResult, keep: int) -> TokenState:
+        raise NotImplementedError
+
+
 REGISTRY: Dict[str, type] = {"none": ReductionMethod}
 
 

@@ -31,18 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    AttentionRequest,
+    KeepRateMethod,
     AttentionResult,
-    CLS_ROW,
-    NO_REQUEST,
     ReductionConfigError,
-    ReductionMethod,
     TokenState,
     check_fraction,
     gather_tokens,
     keep_count,
-    parse_keep_rates,
-    parse_locations,
     rank_by_cls_attention,
     register,
 )
@@ -156,9 +151,9 @@ def bipartite_pair_merge(
 
 
 @register
-class BAT(ReductionMethod):
+class BAT(KeepRateMethod):
     name = "bat"
-    needs_class_token = True
+    label = "BAT"
 
     def __init__(
         self,
@@ -169,9 +164,7 @@ class BAT(ReductionMethod):
         pair_ratio: Optional[float] = None,
         knn: int = 5,
     ):
-        self.depth = len(model.blocks)
-        self.locations = parse_locations(locations, self.depth, "BAT")
-        self.keep_rates = parse_keep_rates(keep_rate, len(self.locations), "BAT")
+        self._set_schedule(model, keep_rate, locations)
         if isinstance(knn, bool) or not isinstance(knn, int) or knn < 1:
             raise ReductionConfigError(f"BAT knn (neighbours for the DPC-KNN density) must be an int >= 1, got {knn!r}")
         self.knn = knn
@@ -194,8 +187,7 @@ class BAT(ReductionMethod):
                 default_cluster_ratio(k) if cluster_ratio is None else cluster_ratio,
                 DEFAULT_PAIR_RATIO if pair_ratio is None else pair_ratio,
             )
-            for loc, k in zip(self.locations, self.keep_rates)
-            if k < 1.0
+            for loc, k in self.rate_at.items()
         }
         self.expected_tokens = self.token_counts(model.patch_embed.num_patches + model.num_prefix_tokens,
                                                  model.num_prefix_tokens)
@@ -209,9 +201,6 @@ class BAT(ReductionMethod):
                 num_tokens = num_protected + k - pairs + clusters
             out.append(num_tokens)
         return out
-
-    def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
-        return CLS_ROW if i in self.plan else NO_REQUEST
 
     def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
         plan = self.plan.get(i)

@@ -26,24 +26,18 @@ from typing import Sequence, Union
 import torch
 
 from .base import (
-    AttentionRequest,
+    KeepRateMethod,
     AttentionResult,
-    CLS_ROW,
-    NO_REQUEST,
     ReductionConfigError,
-    ReductionMethod,
     TokenState,
-    keep_count,
-    parse_keep_rates,
-    parse_locations,
     register,
 )
 
 Tensor = torch.Tensor
 @register
-class EViT(ReductionMethod):
+class EViT(KeepRateMethod):
     name = "evit"
-    needs_class_token = True
+    label = "EViT"
 
     def __init__(
         self,
@@ -52,29 +46,13 @@ class EViT(ReductionMethod):
         locations: Sequence[int] = (3, 6, 9),
         fuse_token: bool = True,
     ):
-        self.depth = len(model.blocks)
-        locs = parse_locations(locations, self.depth, "EViT")
-        rates = parse_keep_rates(keep_rate, len(locs), "EViT")
+        self._set_schedule(model, keep_rate, locations)
         if not isinstance(fuse_token, bool):
             raise ReductionConfigError(f"EViT fuse_token must be true or false, got {fuse_token!r}")
-        self.locations = locs
-        self.keep_rates = rates
         self.fuse_token = fuse_token
-        # block index -> keep rate, only where something can be removed (rate 1 is a no-op, as the reference)
-        self.rate_at = {loc: k for loc, k in zip(locs, rates) if k < 1.0}
 
-    def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
-        return CLS_ROW if i in self.rate_at else NO_REQUEST
-
-    def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
-        keep_rate = self.rate_at.get(i)
-        if keep_rate is None:
-            return state
+    def reduce(self, state: TokenState, res: AttentionResult, left: int) -> TokenState:
         p = state.num_protected
-        candidates = state.num_tokens - p
-        left = keep_count(keep_rate, candidates)
-        if left >= candidates:
-            return state
         # CLS query row, averaged over heads, over the non-protected tokens: (B, N - p)
         cls_attn = res.cls_attn[:, :, p:].mean(dim=1)
         _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)

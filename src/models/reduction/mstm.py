@@ -27,17 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import (
-    AttentionRequest,
+    KeepRateMethod,
     AttentionResult,
-    CLS_ROW,
-    NO_REQUEST,
     ReductionConfigError,
-    ReductionMethod,
     TokenState,
     gather_tokens,
-    keep_count,
-    parse_keep_rates,
-    parse_locations,
     rank_by_cls_attention,
     register,
 )
@@ -97,9 +91,9 @@ def merge_into_crucial(
 
 
 @register
-class MSTM(ReductionMethod):
+class MSTM(KeepRateMethod):
     name = "mstm"
-    needs_class_token = True
+    label = "MSTM"
 
     def __init__(
         self,
@@ -109,10 +103,7 @@ class MSTM(ReductionMethod):
         fusion: bool = True,
         scales: Sequence[int] = (2, 4),
     ):
-        self.depth = len(model.blocks)
-        self.locations = parse_locations(locations, self.depth, "MSTM")
-        self.keep_rates = parse_keep_rates(keep_rate, len(self.locations), "MSTM")
-        self.rate_at = {loc: k for loc, k in zip(self.locations, self.keep_rates) if k < 1.0}
+        self._set_schedule(model, keep_rate, locations)
         if not isinstance(fusion, bool):
             raise ReductionConfigError(f"MSTM fusion must be true or false, got {fusion!r}")
         self.fusion = fusion
@@ -162,18 +153,8 @@ class MSTM(ReductionMethod):
         state.x = torch.cat([state.x[:, :p], patches.reshape(B, H * W, C)], dim=1)
         return state
 
-    def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
-        return CLS_ROW if i in self.rate_at else NO_REQUEST
-
-    def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
-        keep_rate = self.rate_at.get(i)
-        if keep_rate is None:
-            return state
+    def reduce(self, state: TokenState, res: AttentionResult, k: int) -> TokenState:
         p = state.num_protected
-        candidates = state.num_tokens - p
-        k = keep_count(keep_rate, candidates)
-        if k >= candidates:
-            return state
         if state.size is None:
             state.size = state.x.new_ones(state.x.shape[0], state.num_tokens, 1)
         _, order = rank_by_cls_attention(res, p)
