@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 from omegaconf import OmegaConf
-from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from src.models.profile import count_gmacs
@@ -20,18 +19,12 @@ from src.models.reduction.bat import (
     dpc_knn_assign,
 )
 
+from tests.tiny import images32 as images
+from tests.tiny import tiny_grid8 as tiny
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "bat.yaml"
 
 
-def tiny(distilled: bool = False, **kw):
-    """8x8 patch grid (64 patch tokens), 4 blocks, random weights."""
-    torch.manual_seed(0)
-    cls = VisionTransformerDistilled if distilled else VisionTransformer
-    return cls(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10, **kw).eval()
-
-
-def images(n: int = 3) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def test_keep_rate_one_is_the_unpatched_model():

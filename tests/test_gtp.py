@@ -9,21 +9,7 @@ from src.models import ReductionConfigError, apply_reduction
 from src.models.profile import count_gmacs
 from src.models.reduction.base import AttentionResult, TokenState
 from src.models.reduction.gtp import GRAPH_KEY, SELECTIONS, build_graph, semantic_graph, spatial_graph
-
-
-def tiny_vit(seed=0, cls=VisionTransformer, img_size=64, patch_size=8, depth=4, **kw):
-    """Small random ViT with sharpened attention (qkv x 8), so token rankings have clear margins."""
-    torch.manual_seed(seed)
-    model = cls(img_size=img_size, patch_size=patch_size, embed_dim=48, depth=depth, num_heads=3,
-                num_classes=10, **kw)
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(8.0)
-    return model.eval()
-
-
-def images(n=3, size=64, seed=1):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+from tests.tiny import images, tiny_vit
 
 
 # --- an independent rendering of GTP-ViT bb9991e models_v3.py (full graph re-gathered every block) ----
