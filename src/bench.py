@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from .models import apply_reduction
 from .models.backbone import create_backbone
-from .models.profile import count_gmacs, count_params, measure_throughput
+from .models.profile import count_gmacs_split, count_params, measure_throughput
 from .models.reduction.schedules import resolve_params
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -69,7 +69,8 @@ def run_benchmark(own: Mapping[str, str], overrides: Sequence[str]) -> List[Dict
     for m in models.values():
         m.to(device)
 
-    gmacs = {name: count_gmacs(m, img, chans, device=device) for name, m in models.items()}
+    counted = {name: count_gmacs_split(m, img, chans, device=device) for name, m in models.items()}
+    gmacs = {name: c[0] for name, c in counted.items()}
     speed = measure_throughput(
         models, batch_size=batch, img_size=img, in_chans=chans, device=device, precision=precision,
         warmup=int(own.get("warmup", 3)), iters=int(own.get("iters", 10)), rounds=int(own.get("rounds", 3)),
@@ -80,12 +81,13 @@ def run_benchmark(own: Mapping[str, str], overrides: Sequence[str]) -> List[Dict
         ideal = gmacs["none"] / gmacs[name]
         rows.append(dict(
             method=name, params=_short(params[name]), params_m=count_params(m) / 1e6, gmacs=gmacs[name],
+            side_gmacs=counted[name][1],
             images_per_s=speed[name], speedup=measured, ideal_speedup=ideal, fraction_of_ideal=measured / ideal,
         ))
     print(f"model={model_name} ({base_cfg.model.name}) batch={batch} precision={precision} device={device} "
           f"threads={torch.get_num_threads()}")
-    print(f"{'method':<11}{'params':<44}{'Mparams':>8}{'GMACs':>8}{'img/s':>9}{'speedup':>9}{'ideal':>7}{'of ideal':>9}")
+    print(f"{'method':<11}{'params':<44}{'Mparams':>8}{'GMACs':>10}{'+side':>9}{'img/s':>9}{'speedup':>9}{'ideal':>7}{'of ideal':>9}")
     for r in rows:
-        print(f"{r['method']:<11}{r['params'][:43]:<44}{r['params_m']:>8.2f}{r['gmacs']:>8.4g}{r['images_per_s']:>9.1f}"
+        print(f"{r['method']:<11}{r['params'][:43]:<44}{r['params_m']:>8.2f}{r['gmacs']:>10.4g}{r['side_gmacs']:>9.2g}{r['images_per_s']:>9.1f}"
               f"{r['speedup']:>8.2f}x{r['ideal_speedup']:>6.2f}x{r['fraction_of_ideal']:>9.2f}")
     return rows

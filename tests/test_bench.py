@@ -13,16 +13,18 @@ def run(*args):
 
 def test_bench_prints_and_writes_the_table(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run("model=quickstart", "method=tome,evit", "batch=4", "iters=1", "rounds=1", "warmup=1", f"json={out}")
+    proc = run("model=quickstart", "method=tome,evit,gtp", "batch=4", "iters=1", "rounds=1", "warmup=1", f"json={out}")
     assert proc.returncode == 0, proc.stderr
     rows = {r["method"]: r for r in json.loads(out.read_text())}
-    assert list(rows) == ["none", "tome", "evit"]
+    assert list(rows) == ["none", "tome", "evit", "gtp"]
     assert rows["none"]["speedup"] == 1.0 and rows["none"]["ideal_speedup"] == 1.0
-    for name in ("tome", "evit"):
+    for name in ("tome", "evit", "gtp"):
         r = rows[name]
         assert 0 < r["gmacs"] < rows["none"]["gmacs"] and r["images_per_s"] > 0
         assert abs(r["ideal_speedup"] - rows["none"]["gmacs"] / r["gmacs"]) < 1e-9
-    assert "of ideal" in proc.stdout and "r=2 prop_attn=True" in proc.stdout
+    # GTP's semantic graph is counted apart (its paper leaves it out); the others have no side work
+    assert rows["gtp"]["side_gmacs"] > 0 and rows["tome"]["side_gmacs"] == rows["evit"]["side_gmacs"] == 0
+    assert "of ideal" in proc.stdout and "+side" in proc.stdout and "r=2 prop_attn=True" in proc.stdout
 
 
 def test_bench_bad_input_is_one_clear_line():

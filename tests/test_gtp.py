@@ -6,7 +6,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from src.models import ReductionConfigError, apply_reduction
-from src.models.profile import count_gmacs
+from src.models.profile import count_gmacs, count_gmacs_split
 from src.models.reduction.base import AttentionResult, TokenState
 from src.models.reduction.gtp import GRAPH_KEY, SELECTIONS, build_graph, semantic_graph, spatial_graph
 from tests.tiny import images, tiny_vit
@@ -270,17 +270,21 @@ def _analytic_gmacs(r, C=768, depth=12, patches=196, patch=16, classes=1000):
 
 
 def test_gmacs_deit_base():
-    """Published (ToMe-equal, analytic) GMACs; the mixed graph adds its real cost on top."""
+    """Published (ToMe-equal) GMACs with every graph; the semantic graph's cost is counted as side work."""
     model = timm.create_model("deit_base_patch16_224", pretrained=False)
     C = 768
+    similarity = 196 * 196 * C / 1e9  # the semantic graph's cosine similarity, M^2 C
     for r, published in [(4, 15.3), (8, 13.1), (14, 9.8), (16, 8.8)]:
         apply_reduction(model, "gtp", r=r, graph="spatial")
-        spatial = count_gmacs(model)
+        spatial, spatial_side = count_gmacs_split(model)
         # the propagation products W_prop @ x_prop and W_prop @ s_prop: (N-1-r) x r x (C + 1) per block
         propagation = sum((196 - r * (i + 1)) * r * (C + 1) for i in range(12)) / 1e9
         assert abs(spatial - published) <= 0.05, (r, spatial)
         assert abs(spatial - _analytic_gmacs(r) - propagation) < 1e-6, (r, spatial)
-        if r in (4, 16):
-            apply_reduction(model, "gtp", r=r)  # mixed graph: + the semantic cosine similarity, M^2 C
-            mixed = count_gmacs(model)
-            assert abs(mixed - spatial - 196 * 196 * C / 1e9) < 1e-6, (r, mixed)
+        assert spatial_side == 0.0
+        apply_reduction(model, "gtp", r=r)  # the default mixed graph
+        mixed, mixed_side = count_gmacs_split(model)
+        assert abs(mixed - published) <= 0.05, (r, mixed)
+        assert abs(mixed - spatial) < 1e-9, (r, mixed, spatial)
+        assert abs(mixed_side - similarity) < 1e-9, (r, mixed_side)
+        assert count_gmacs(model) == mixed

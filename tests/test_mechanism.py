@@ -6,7 +6,7 @@ import timm
 import torch
 
 from src.models import ReductionConfigError, apply_reduction, remove_reduction
-from src.models.profile import count_gmacs
+from src.models.profile import count_gmacs, count_gmacs_split, side_work
 from src.models.reduction.base import AttentionRequest, attention
 
 
@@ -88,6 +88,24 @@ def test_gmacs_counts_what_runs(deit_tiny):
     """Counted, not estimated: a model on a smaller image costs proportionally less."""
     small = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=112)
     assert count_gmacs(small, img_size=112) < count_gmacs(deit_tiny) / 3.5
+
+
+def test_side_work_is_counted_apart():
+    """Work marked side_work() leaves the headline GMACs but is reported, exactly; outside a count
+    the marker changes nothing."""
+
+    class TwoProducts(torch.nn.Module):
+        def forward(self, x):
+            y = x.flatten(1) @ torch.ones(x[0].numel(), 5)  # 1 x 5 x (3*8*8) MACs
+            with side_work():
+                z = y.T @ y  # 5 x 5 x 1 MACs
+            return y.sum() + z.sum()
+
+    gmacs, side = count_gmacs_split(TwoProducts(), img_size=8)
+    assert gmacs == 5 * 3 * 8 * 8 / 1e9 and side == 25 / 1e9
+    assert count_gmacs(TwoProducts(), img_size=8) == gmacs
+    with side_work():  # no count running: a plain no-op
+        assert torch.equal(torch.ones(2) @ torch.ones(2), torch.tensor(2.0))
 
 
 @pytest.mark.parametrize("method", ["tome", "evit", "gtp", "dynamicvit", "bat", "mstm", "stvit"])

@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..profile import side_work
 from .base import (
     AttentionRequest,
     AttentionResult,
@@ -245,8 +246,10 @@ class GTP(ReductionMethod):
                 f"GTP num_neighbours={self.num_neighbours} must be smaller than the {m} patches of this input"
             )
         if any(self.r):
-            # built from the layer-0 input and kept in the autograd graph, as the reference
-            state.extras[GRAPH_KEY] = build_graph(patches, state.grid_size, self.graph, self.num_neighbours)
+            # built from the layer-0 input and kept in the autograd graph, as the reference. Its cosine
+            # similarity (M^2 C) is side work: the paper's GMACs are ToMe's at the same r
+            with side_work():
+                state.extras[GRAPH_KEY] = build_graph(patches, state.grid_size, self.graph, self.num_neighbours)
             state.extras[ROWS_KEY] = torch.arange(m, device=patches.device).expand(B, m)
         if self.token_scale and any(self.r):
             state.size = torch.ones(B, state.num_tokens, 1, device=state.x.device, dtype=state.x.dtype)
