@@ -217,6 +217,28 @@ def test_other_backbones_run_with_method_none_only():
         ReductionModule(nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), method="tome", method_params={"r": 1})
 
 
+def test_frozen_params_stay_out_of_the_optimizer_and_unchanged():
+    """optim.frozen_params (DynamicViT's optimizer skips cls_token and pos_embed): never trained."""
+    m = fake_trainer(make(optim={"frozen_params": ["cls_token", "pos_embed", "blocks.0.norm1"], "lr": 1.0}))
+    frozen = {"cls_token", "pos_embed", "blocks.0.norm1.weight", "blocks.0.norm1.bias"}
+    named = dict(m.student.named_parameters())
+    in_opt = {id(p) for g in m.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert {n for n, p in named.items() if id(p) not in in_opt} == frozen
+    before = {n: named[n].detach().clone() for n in frozen}
+    opt = m.configure_optimizers()["optimizer"]
+    m.train()
+    x, y = batch()
+    F.cross_entropy(m.student(x), y).backward()
+    opt.step()
+    assert all(torch.equal(named[n], before[n]) for n in frozen)
+    assert not torch.equal(named["blocks.1.norm1.weight"].detach(), torch.ones(32))  # the rest trains
+
+
+def test_frozen_params_naming_nothing_is_a_config_error():
+    with pytest.raises(ReductionConfigError, match="'pos_embd' names no parameter.*'pos_embed'"):
+        make(optim={"frozen_params": ["pos_embd"]})
+
+
 def test_bad_method_parameters_fail_at_construction():
     with pytest.raises(ReductionConfigError, match="r must be >= 0"):
         make(params={"r": -1})

@@ -91,6 +91,7 @@ class ReductionModule(L.LightningModule):
         teacher = copy.deepcopy(backbone)
         self.student = reduce_backbone(backbone, method, method_params or {})
         self.tokens_api = is_patchable(self.student)  # forward_tokens / forward_head available
+        self._freeze(self.optim_cfg.get("frozen_params") or [])
         self.teacher = reduce_backbone(teacher, "none", {})
         self.teacher.eval().requires_grad_(False)
         self.needs_teacher = (self.distill_type != "none" and self.distill_weight > 0) or bool(
@@ -109,6 +110,7 @@ class ReductionModule(L.LightningModule):
         self.val_top1, self.val_top5 = metric(1), metric(min(5, self.num_classes))
         self.teacher_top1, self.ema_top1 = metric(1), metric(1)
         self.teacher_val_done = False  # the teacher's val accuracy is computed once per run
+        self.method_metric_keys: set = set()  # "train/<name>", "val/<name>" of the method's metrics()
         self.teacher_val_top1: Optional[float] = None
 
     # --- pieces --------------------------------------------------------------------------------
@@ -179,6 +181,7 @@ class ReductionModule(L.LightningModule):
 
     def _log_method_metrics(self, state, stage: str) -> None:
         for name, value in self.student.reduction.metrics(state).items():
+            self.method_metric_keys.add(f"{stage}/{name}")
             self.log(f"{stage}/{name}", float(value), on_step=False, on_epoch=True)
 
     # --- validation ----------------------------------------------------------------------------
@@ -214,6 +217,23 @@ class ReductionModule(L.LightningModule):
             self.ema_top1.reset()
 
     # --- optimisation --------------------------------------------------------------------------
+    def _freeze(self, names) -> None:
+        """optim.frozen_params: student parameters never trained (not in the optimizer), e.g.
+        [cls_token, pos_embed] as DynamicViT's optimizer factory skips them. A name is a parameter
+        name or a module prefix; one matching nothing is a config error."""
+        if isinstance(names, str):
+            names = [names]
+        params = dict(self.student.named_parameters())
+        for name in names:
+            hits = [n for n in params if n == name or n.startswith(f"{name}.")]
+            if not hits:
+                raise ReductionConfigError(
+                    f"optim.frozen_params: {name!r} names no parameter of the student; top-level names are "
+                    f"{sorted({n.split('.')[0] for n in params})}"
+                )
+            for n in hits:
+                params[n].requires_grad_(False)
+
     def effective_lr(self) -> float:
         """optim.lr is given for optim.lr_base_batch images; scale it with the global batch."""
         trainer = self.trainer

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data import DataError
 from src.models.backbone import BackboneError, create_backbone
-from src.models.profile import count_gmacs, count_params, measure_throughput
+from src.models.profile import count_gmacs, count_gmacs_split, count_params, measure_throughput
 from src.models.reduction import ReductionConfigError
 from src.models.reduction.schedules import resolve_params
 from src.models.weights import WeightsError
@@ -120,8 +120,10 @@ def profile(module: ReductionModule, cfg: DictConfig) -> Dict[str, float]:
     img, chans = int(cfg.model.img_size), int(cfg.model.in_chans)
     device = profile_device(cfg)
     student, teacher = module.student, module.teacher
+    student_gmacs, student_side_gmacs = count_gmacs_split(student, img, chans)
     out = {
-        "student_gmacs": count_gmacs(student, img, chans), "teacher_gmacs": count_gmacs(teacher, img, chans),
+        "student_gmacs": student_gmacs, "student_side_gmacs": student_side_gmacs,  # side: see profile.py
+        "teacher_gmacs": count_gmacs(teacher, img, chans),
         "student_params": float(count_params(student)), "teacher_params": float(count_params(teacher)),
     }
     originals = {n: next(m.parameters()).device for n, m in (("student", student), ("teacher", teacher))}
@@ -215,6 +217,8 @@ def summarise(cfg: DictConfig, module: ReductionModule, prof: Dict[str, Any], va
         "teacher_val_top1": module.teacher_val_top1,
         "student_val_top1": val.get("val/top1"), "student_val_top5": val.get("val/top5"),
         "ema_val_top1": val.get("val/ema_top1"),
+        # the method's own metrics of the last epoch, e.g. DynamicViT's train/val keep ratios and targets
+        **{k.replace("/", "_"): val[k] for k in sorted(module.method_metric_keys) if k in val},
         **prof,
         "best_checkpoint": best_ckpt, "last_checkpoint": last_ckpt,
         "output_dir": str(cfg.paths.output_dir),
@@ -235,7 +239,8 @@ def format_summary(s: Dict[str, Any]) -> str:
     if "student_gmacs" in s:
         lines += [
             f"GMACs       teacher {s['teacher_gmacs']:.4f}   student {s['student_gmacs']:.4f}"
-            f"   ({s['student_gmacs'] / s['teacher_gmacs']:.2f}x)",
+            f"   ({s['student_gmacs'] / s['teacher_gmacs']:.2f}x)"
+            + (f"   + side work {s['student_side_gmacs']:.2g}" if s.get("student_side_gmacs") else ""),
             f"throughput  teacher {s['teacher_throughput']:.0f} img/s   student {s['student_throughput']:.0f} img/s"
             f"   ({s['student_throughput'] / s['teacher_throughput']:.2f}x, {s['throughput_device']}, measured side by side)",
         ]
@@ -277,7 +282,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None:
             best, last = ckpt_cb.best_model_path or None, ckpt_cb.last_model_path or None
-        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
         if module.teacher_val_top1 is None:  # e.g. resumed after the last epoch
             val.update({k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()})
     else:
