@@ -274,7 +274,8 @@ def test_inference_token_counts_compound():
     # 16 patches: int(16 * 0.7) = 11, int(16 * 0.49) = 7, int(16 * 0.343) = 5
     assert state.tokens_per_block == [17, 12, 8, 6]
     assert model.reduction.metrics(state) == pytest.approx(
-        {"keep_ratio_stage0": 11 / 16, "keep_ratio_stage1": 7 / 16, "keep_ratio_stage2": 5 / 16})
+        {"keep_ratio_stage0": 11 / 16, "keep_ratio_stage1": 7 / 16, "keep_ratio_stage2": 5 / 16,
+         "keep_ratio_target_stage0": 0.7, "keep_ratio_target_stage1": 0.49, "keep_ratio_target_stage2": 0.343})
 
 
 def test_counts_use_the_actual_patch_count():
@@ -386,7 +387,8 @@ def test_gradients_reach_predictors_and_backbone():
         assert g is not None and g.abs().sum() > 0, f"stage {s} predictor gets no gradient"
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     metrics = model.reduction.metrics(state)
-    assert set(metrics) == {"keep_ratio_stage0", "keep_ratio_stage1"}
+    assert set(metrics) == {"keep_ratio_stage0", "keep_ratio_stage1", "keep_ratio_target_stage0",
+                            "keep_ratio_target_stage1"}
     assert 0.0 <= metrics["keep_ratio_stage1"] <= metrics["keep_ratio_stage0"] <= 1.0
 
 
@@ -450,3 +452,39 @@ def test_train_py_finetune_lowers_the_keep_ratio_loss(tmp_path):
     val = next(r for r in rows if r.get("val/keep_ratio_stage0"))
     # inference keeps exactly int(16 * 0.7^(s+1)) of the 16 patch tokens
     assert [float(val[f"val/keep_ratio_stage{s}"]) for s in range(3)] == [11 / 16, 7 / 16, 5 / 16]
+    # summary.json carries the last epoch's keep ratios next to their targets
+    import json
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [summary[f"val_keep_ratio_stage{s}"] for s in range(3)] == [11 / 16, 7 / 16, 5 / 16]
+    assert [summary[f"train_keep_ratio_target_stage{s}"] for s in range(3)] == pytest.approx([0.7, 0.49, 0.343])
+    assert 0 < summary["train_keep_ratio_stage2"] <= summary["train_keep_ratio_stage0"] <= 1
+
+
+def test_train_py_at_keep_rate_0_3_is_finite_with_clipping_on(tmp_path):
+    """Low keep rates (0.3; two stages, since 16 patches cannot hold a third) train without NaN, and
+    gradient clipping is on by default."""
+    import csv
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "train.py", "experiment=dynamicvit_digits", "model.bootstrap.enabled=false",
+           "method.params.keep_rate=0.3", "method.params.locations=[1,2]", "trainer.max_epochs=1",
+           "trainer.limit_train_batches=6", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=1",
+           "trainer.enable_progress_bar=false",
+           "profile.enabled=false", "ema.enabled=false", "callbacks=none", "logger=csv",
+           "optim.backbone_freeze_epochs=0", "optim.warmup_epochs=0", "data.batch_size=16",
+           "data.eval_batch_size=50", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / ".hydra" / "config.yaml").read_text())["trainer"]["gradient_clip_val"] == 5.0
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    losses = [float(v) for r in rows for k, v in r.items() if k.startswith("train/loss") and v]
+    assert len(losses) >= 6 * 5 and all(math.isfinite(v) for v in losses)  # 5 loss terms, every step
+    val = next(r for r in rows if r.get("val/keep_ratio_stage0"))
+    assert [float(val[f"val/keep_ratio_stage{s}"]) for s in range(2)] == [4 / 16, 1 / 16]  # int(16 * 0.3), int(16 * 0.09)
+

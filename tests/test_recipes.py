@@ -13,7 +13,7 @@ from src.trainer.module import ReductionModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPES = ["dynamicvit_deit_s", "dynamicvit_deit_b", "evit_finetune_deit_s", "tome_eval", "gtp_eval",
-           "dynamicvit_digits"]
+           "dynamicvit_digits", "compare_dynamicvit_digits"]
 
 
 def compose_experiment(name, *overrides):
@@ -54,6 +54,7 @@ def test_dynamicvit_deit_s_is_the_reference_recipe():
     assert (p.ratio_weight, p.distill_weight, p.token_distill_weight) == (2.0, 0.5, 0.5)
     assert cfg.trainer.max_epochs == 30 and cfg.optim.warmup_epochs == 5
     assert (cfg.optim.backbone_lr_scale, cfg.optim.backbone_freeze_epochs) == (0.01, 5)
+    assert list(cfg.optim.frozen_params) == ["cls_token", "pos_embed"]
     assert cfg.optim.min_lr == 1e-6 and cfg.optim.weight_decay == 0.05
     assert cfg.distill.type == "none"  # the method brings its own KL and token distillation
     assert cfg.ema.enabled and cfg.ema.decay == 0.9999
@@ -108,3 +109,18 @@ def test_dynamicvit_digits_fits_the_quickstart_model():
     assert cfg.method.name == "dynamicvit" and list(cfg.method.params.locations) == [1, 2, 3]
     assert cfg.trainer.gradient_clip_val == 5.0  # the project default stays on here
     assert cfg.distill.type == "none" and cfg.ema.enabled
+
+
+@pytest.mark.parametrize("method", ["dynamicvit", "evit", "tome"])
+def test_compare_dynamicvit_digits_gives_each_method_its_own_recipe(method):
+    """The DynamicViT recipe on the quickstart model comes with method=dynamicvit only; EViT and ToMe
+    keep the default distillation finetune. All run 8 epochs at the same GMACs budget."""
+    cfg = compose_experiment("compare_dynamicvit_digits", f"method={method}")
+    assert cfg.schedule.name == "flops" and cfg.schedule.gmacs == 0.00176 and cfg.trainer.max_epochs == 8
+    if method == "dynamicvit":
+        assert cfg.method.params.ratio_weight == 100.0 and list(cfg.method.params.locations) == [1, 2, 3]
+        assert cfg.distill.type == "none" and cfg.optim.backbone_lr_scale == 0.01
+        assert list(cfg.optim.frozen_params) == ["cls_token", "pos_embed"]
+    else:
+        assert cfg.distill.type == "soft" and cfg.optim.backbone_lr_scale == 1.0
+        assert list(cfg.optim.frozen_params) == []

@@ -277,11 +277,13 @@ class DynamicViT(ReductionMethod):
         return ["score_predictor"]
 
     def metrics(self, state: TokenState) -> Dict[str, float]:
-        """Mean fraction of the initial patch tokens kept at each stage."""
+        """Mean fraction of the initial patch tokens kept at each stage, next to its target."""
         ex = state.extras.get("dynamicvit")
         if ex is None:
             return {}
-        return {f"keep_ratio_stage{s}": float(v) for s, v in enumerate(ex["kept"])}
+        out = {f"keep_ratio_stage{s}": float(v) for s, v in enumerate(ex["kept"])}
+        out.update({f"keep_ratio_target_stage{s}": t for s, t in enumerate(self.ratios[: len(ex["kept"])])})
+        return out
 
     def extra_repr(self) -> str:
         return (f"keep_rate={self.keep_rate}, locations={self.locations}, ratio_weight={self.ratio_weight}, "
