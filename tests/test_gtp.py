@@ -288,3 +288,28 @@ def test_gmacs_deit_base():
         assert abs(mixed - spatial) < 1e-9, (r, mixed, spatial)
         assert abs(mixed_side - similarity) < 1e-9, (r, mixed_side)
         assert count_gmacs(model) == mixed
+
+def test_inference_map_buffer_is_shared_and_changes_nothing(monkeypatch):
+    """Without autograd GTP's attention maps live in one reused CPU buffer; outputs are identical to
+    fresh maps, also across calls with other batch sizes."""
+    from src.models.reduction import base
+
+    model = apply_reduction(tiny_vit(), "gtp", r=2)
+    x = images(3)
+    base._MAP_BUFFERS.clear()
+    with torch.no_grad():
+        shared = model(x)
+        assert len(base._MAP_BUFFERS) == 1
+        small = model(x[:1])
+        monkeypatch.setattr(base, "_map_buffer", lambda *a: pytest.fail("buffer used"))
+        model.reduction.attention_request = _fresh_maps(model.reduction.attention_request)
+        fresh, fresh_small = model(x), model(x[:1])
+    assert torch.equal(shared, fresh) and torch.equal(small, fresh_small)
+
+
+def _fresh_maps(request):
+    def without_buffer(i, state):
+        req = request(i, state)
+        req.transient_map = False
+        return req
+    return without_buffer

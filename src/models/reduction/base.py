@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -110,6 +111,9 @@ class AttentionRequest:
     # Cross-attention: only the first `queries` tokens query (keys/values are all tokens) and only
     # they continue through the block's residual and MLP (STViT's semantic-token generation).
     queries: Optional[int] = None
+    # The method reads the map only within this block (GTP): without autograd it may then live in one
+    # buffer shared by all blocks instead of a fresh (B, H, N, N) allocation each time.
+    transient_map: bool = False
 
 
 NO_REQUEST = AttentionRequest()
@@ -126,6 +130,23 @@ class AttentionResult:
     def metric(self) -> Tensor:
         """ToMe's matching metric: keys averaged over heads, (B, N, hd)."""
         return self.keys.mean(1)
+
+
+_MAP_BUFFERS: Dict[tuple, Tensor] = {}
+
+
+def _map_buffer(q: Tensor, n_q: int, n_k: int) -> Tensor:
+    """A (B, H, n_q, n_k) view of one growing CPU buffer per thread and dtype. Large CPU buffers are
+    otherwise fresh kernel pages on every allocation (glibc maps them), and their page faults cost a
+    map-reading method about as much as its softmax on a 2-core CPU. (CUDA's caching allocator
+    already reuses memory.)"""
+    shape = (*q.shape[:2], n_q, n_k)
+    need = shape[0] * shape[1] * n_q * n_k
+    key = (threading.get_ident(), q.dtype)
+    buf = _MAP_BUFFERS.get(key)
+    if buf is None or buf.numel() < need:
+        buf = _MAP_BUFFERS[key] = torch.empty(need, device=q.device, dtype=q.dtype)
+    return buf[:need].view(shape)
 
 
 def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST) -> AttentionResult:
@@ -150,7 +171,12 @@ def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST) ->
     q, k = attn.q_norm(q), attn.k_norm(k)
     cls_attn = full = None
     if req.need == "map" or req.softmax is not None or req.post_softmax is not None:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        qs = q * attn.scale
+        if req.transient_map and qs.device.type == "cpu" and not (
+                torch.is_grad_enabled() and (qs.requires_grad or k.requires_grad)):
+            logits = torch.matmul(qs, k.transpose(-2, -1), out=_map_buffer(qs, N, k.shape[-2]))
+        else:
+            logits = qs @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
         full = req.softmax(logits) if req.softmax is not None else logits.softmax(dim=-1)

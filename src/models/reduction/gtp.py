@@ -260,7 +260,8 @@ class GTP(ReductionMethod):
         scaled = self.token_scale and i > self.first_propagating_block
         bias = state.size.log()[:, None, None, :, 0] if scaled else None
         if self.r[i] > 0:
-            return AttentionRequest(need="map", softmax=biased_softmax(bias), post_softmax=self._post_softmax)
+            return AttentionRequest(need="map", softmax=biased_softmax(bias), post_softmax=self._post_softmax,
+                                    transient_map=True)  # the map is read only in after_attention
         if self._post_softmax is not None:
             return AttentionRequest(need="none", softmax=biased_softmax(bias), post_softmax=self._post_softmax)
         return NO_REQUEST if bias is None else AttentionRequest(need="none", bias=bias)
