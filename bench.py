@@ -1,7 +1,10 @@
 """Benchmark token-reduction methods against the unpatched model, timed side by side in one run.
 
     python bench.py model=deit_s method=tome,evit,gtp [batch=32] [precision=32|bf16] [device=cpu]
-                    [iters=10] [rounds=3] [warmup=3] [json=bench.json] [any Hydra override ...]
+                    [iters=3] [rounds=8] [warmup=3] [json=bench.json] [any Hydra override ...]
+
+Each round times every model for `iters` batches in turn; the median round counts. Many short
+rounds keep a shared machine's drifts from landing on one model.
 
 Every `key=value` that is not one of the benchmark's own keys is a Hydra override of the training
 config applied to every method (e.g. `schedule=flops schedule.gmacs=3.0` or `method.params.r=8`).

@@ -73,7 +73,7 @@ def run_benchmark(own: Mapping[str, str], overrides: Sequence[str]) -> List[Dict
     gmacs = {name: c[0] for name, c in counted.items()}
     speed = measure_throughput(
         models, batch_size=batch, img_size=img, in_chans=chans, device=device, precision=precision,
-        warmup=int(own.get("warmup", 3)), iters=int(own.get("iters", 10)), rounds=int(own.get("rounds", 3)),
+        warmup=int(own.get("warmup", 3)), iters=int(own.get("iters", 3)), rounds=int(own.get("rounds", 8)),
     )
     rows = []
     for name, m in models.items():
