@@ -208,17 +208,17 @@ def _weights_source(cfg: DictConfig) -> Optional[str]:
     return None
 
 
-def summarise(cfg: DictConfig, module: ReductionModule, prof: Dict[str, Any], val: Dict[str, float],
+def summarise(cfg: DictConfig, module: ReductionModule, prof: Dict[str, Any], metrics: Dict[str, float],
               best_ckpt: Optional[str], last_ckpt: Optional[str]) -> Dict[str, Any]:
     summary = {
         "model": cfg.model.name, "method": cfg.method.name,
         "method_params": repr(getattr(module.student, "reduction", "none")),
         "train": bool(cfg.train),
         "teacher_val_top1": module.teacher_val_top1,
-        "student_val_top1": val.get("val/top1"), "student_val_top5": val.get("val/top5"),
-        "ema_val_top1": val.get("val/ema_top1"),
+        "student_val_top1": metrics.get("val/top1"), "student_val_top5": metrics.get("val/top5"),
+        "ema_val_top1": metrics.get("val/ema_top1"),
         # the method's own metrics of the last epoch, e.g. DynamicViT's train/val keep ratios and targets
-        **{k.replace("/", "_"): val[k] for k in sorted(module.method_metric_keys) if k in val},
+        **{k.replace("/", "_"): metrics[k] for k in sorted(module.method_metric_keys) if k in metrics},
         **prof,
         "best_checkpoint": best_ckpt, "last_checkpoint": last_ckpt,
         "output_dir": str(cfg.paths.output_dir),
@@ -282,13 +282,13 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None:
             best, last = ckpt_cb.best_model_path or None, ckpt_cb.last_model_path or None
-        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
         if module.teacher_val_top1 is None:  # e.g. resumed after the last epoch
-            val.update({k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()})
+            metrics.update({k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()})
     else:
-        val = {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()}
+        metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()}
 
-    summary = summarise(cfg, module, prof, val, best, last)
+    summary = summarise(cfg, module, prof, metrics, best, last)
     if not trainer.is_global_zero:  # DDP: one summary, written by rank 0
         return summary
     out = Path(cfg.paths.output_dir)
