@@ -99,10 +99,9 @@ def check_ddp_run(run_dir: Path, out: str, single: dict, cache: Path, world: int
     assert total == N_VAL
     assert summary["student_val_top1"] == pytest.approx(100.0 * correct / N_VAL, abs=1e-4)
     # the checkpoint is written once (by rank 0), nothing per rank: best + last of the epoch callback and
-    # the crash-safe step callback's last (Lightning versions the second "last" name; ckpt_path=last
-    # resumes from the newest)
+    # the crash-safe step callback's last-step (ckpt_path=last resumes from the newest)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "best-epoch000.ckpt", "last-v1.ckpt", "last.ckpt"]
+        "best-epoch000.ckpt", "last-step.ckpt", "last.ckpt"]
     ckpt = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4 // accumulate  # limit_train_batches=4 per rank
     # optim.lr is for optim.lr_base_batch images: scaled by world x per-device batch x accumulation

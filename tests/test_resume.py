@@ -1,5 +1,5 @@
 """Crash-safe training with W&B offline: a real run SIGKILLed mid-epoch resumes from its step
-checkpoint (same global step, optimizer and scheduler state, same W&B run id); a SIGTERM (what SLURM
+checkpoint, last-step.ckpt (same global step, optimizer and scheduler state, same W&B run id); a SIGTERM (what SLURM
 sends before preemption) writes last.ckpt before the process exits; the W&B offline run holds the
 config, metrics and token images, and never the API key."""
 import re
@@ -45,23 +45,23 @@ def wait_for(path: Path, proc, timeout=120):
 
 def test_sigkill_mid_epoch_then_resume_same_step_optimizer_and_wandb_run(warm_cache, tmp_path):
     run_dir = tmp_path / "run"
-    last = run_dir / "checkpoints" / "last.ckpt"
+    step_ckpt, last = run_dir / "checkpoints" / "last-step.ckpt", run_dir / "checkpoints" / "last.ckpt"
     proc = start(run_dir, warm_cache, *WANDB)
-    wait_for(last, proc)
+    wait_for(step_ckpt, proc)
     time.sleep(0.3)  # let the first write finish (it is not atomic)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    killed = torch.load(last, map_location="cpu", weights_only=True)
+    killed = torch.load(step_ckpt, map_location="cpu", weights_only=True)
     step = killed["global_step"]
     assert 0 < step < STEPS and step % 5 == 0, step  # a mid-epoch step checkpoint
-    assert not (run_dir / "summary.json").exists()
+    assert not last.exists() and not (run_dir / "summary.json").exists()
     run_id = (run_dir / "wandb_run_id").read_text().strip()
 
     proc = train(run_dir, warm_cache, *CRASH_SAFE, *WANDB, "ckpt_path=last", WANDB_API_KEY=FAKE_KEY)
     out = proc.stdout + proc.stderr
-    assert f"Restoring states from the checkpoint path at {last}" in out
-    final = torch.load(last, map_location="cpu", weights_only=True)
+    assert f"Restoring states from the checkpoint path at {step_ckpt}" in out
+    final = torch.load(last, map_location="cpu", weights_only=True)  # the epoch end's
     assert final["global_step"] == STEPS  # continued from `step`, not restarted
     # AdamW's own step counters ran on from the killed run's: restored, not re-initialised
     adam_steps = {float(s["step"]) for s in final["optimizer_states"][0]["state"].values()}
@@ -89,7 +89,7 @@ def test_sigterm_saves_last_checkpoint_first(warm_cache, tmp_path):
     run_dir = tmp_path / "run"
     proc = start(run_dir, warm_cache, "trainer.max_epochs=3")
     last = run_dir / "checkpoints" / "last.ckpt"
-    wait_for(last, proc)  # training runs (first step checkpoint, step 5): Lightning's handler is set
+    wait_for(last.with_name("last-step.ckpt"), proc)  # training runs (first step checkpoint, step 5)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]

@@ -1,5 +1,6 @@
 """Callbacks and logger set-up for long, preemptible and tracked runs.
 
+- `StepCheckpoint`: a `last-step.ckpt` every N training steps (survives a SIGKILL mid-epoch).
 - `CheckpointOnSigterm`: SLURM (and most schedulers) send SIGTERM before preemption or at the time
   limit. Lightning's signal connector turns it into a `SIGTERMException` at the next batch on every
   rank; this callback then writes `last.ckpt` (model, optimizer, scheduler, loop state) before the
@@ -28,6 +29,14 @@ from .distributed import is_global_zero
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id"
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """The crash-safe mid-epoch checkpoint, written as `last-step.ckpt`: beside the epoch callback's
+    `last.ckpt` rather than as Lightning's versioned `last-v1.ckpt`. Two files, so a kill while one is
+    being written leaves the other; `ckpt_path=last` resumes from the newer (Lightning matches both)."""
+
+    CHECKPOINT_NAME_LAST = "last-step"
 
 
 class CheckpointOnSigterm(Callback):
