@@ -61,6 +61,8 @@ def test_quickstart_trains_teacher_then_reduced_student(first_run, workdir):
     proc, run_dir = first_run
     out = proc.stdout + proc.stderr
     assert "Training the quickstart teacher" in out and "=== summary" in proc.stdout
+    # Lightning's lines go through Hydra's handlers once (the teacher's fit and the student's: two)
+    assert out.count("GPU available: False") == 2, out.count("GPU available: False")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == "tome" and "r=[2, 2]" in summary["method_params"]
     # well above the 10% of chance on 10 digit classes

@@ -250,8 +250,22 @@ def format_summary(s: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _log_through_root_only() -> None:
+    """Lightning, imported before Hydra configures logging, gives its loggers their own console
+    handlers; once Hydra's root handlers (console + the run's log file) exist, every Lightning line
+    was printed twice. Route Lightning's records through the root handlers alone."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for handler in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
+            lg.removeHandler(handler)
+        lg.propagate = True
+
+
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Train (or with train=false only evaluate) as configured; returns the summary dict."""
+    _log_through_root_only()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     # "last": Lightning's newest last*.ckpt in this run folder's checkpoints (none yet: start fresh)
