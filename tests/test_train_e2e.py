@@ -176,6 +176,7 @@ def compose(tmp_path, monkeypatch):
     (["distill.type=kl"], "ReductionConfigError", "distill.type"),
     (["ckpt_path=/no/such/last.ckpt"], "WeightsError", "ckpt_path=/no/such/last.ckpt"),
     (["data.val_per_class=500"], "DataError", "val_per_class=500"),
+    (["optim.frozen_params=[pos_embd]"], "ReductionConfigError", "'pos_embd' names no parameter"),
 ])
 def test_config_errors_before_training(compose, overrides, error, match, tmp_path):
     from src.trainer.run import USER_ERRORS, run

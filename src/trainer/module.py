@@ -64,6 +64,24 @@ def soft_targets(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
     return torch.full((y.shape[0], num_classes), off, device=y.device).scatter_(1, y[:, None], 1.0 - smoothing + off)
 
 
+def freeze_parameters(model: nn.Module, names) -> None:
+    """optim.frozen_params: parameters never trained (kept out of the optimizer), e.g. [cls_token,
+    pos_embed] as DynamicViT's optimizer factory skips them. A name is a parameter name or a module
+    prefix; one matching nothing is a config error."""
+    if isinstance(names, str):
+        names = [names]
+    params = dict(model.named_parameters())
+    for name in names:
+        hits = [n for n in params if n == name or n.startswith(f"{name}.")]
+        if not hits:
+            raise ReductionConfigError(
+                f"optim.frozen_params: {name!r} names no parameter of the student; top-level names are "
+                f"{sorted({n.split('.')[0] for n in params})}"
+            )
+        for n in hits:
+            params[n].requires_grad_(False)
+
+
 class ReductionModule(L.LightningModule):
     """Student (backbone + reduction) and frozen teacher; see the module docstring for the loss.
 
@@ -91,7 +109,7 @@ class ReductionModule(L.LightningModule):
         teacher = copy.deepcopy(backbone)
         self.student = reduce_backbone(backbone, method, method_params or {})
         self.tokens_api = is_patchable(self.student)  # forward_tokens / forward_head available
-        self._freeze(self.optim_cfg.get("frozen_params") or [])
+        freeze_parameters(self.student, self.optim_cfg.get("frozen_params") or [])
         self.teacher = reduce_backbone(teacher, "none", {})
         self.teacher.eval().requires_grad_(False)
         self.needs_teacher = (self.distill_type != "none" and self.distill_weight > 0) or bool(
@@ -217,23 +235,6 @@ class ReductionModule(L.LightningModule):
             self.ema_top1.reset()
 
     # --- optimisation --------------------------------------------------------------------------
-    def _freeze(self, names) -> None:
-        """optim.frozen_params: student parameters never trained (not in the optimizer), e.g.
-        [cls_token, pos_embed] as DynamicViT's optimizer factory skips them. A name is a parameter
-        name or a module prefix; one matching nothing is a config error."""
-        if isinstance(names, str):
-            names = [names]
-        params = dict(self.student.named_parameters())
-        for name in names:
-            hits = [n for n in params if n == name or n.startswith(f"{name}.")]
-            if not hits:
-                raise ReductionConfigError(
-                    f"optim.frozen_params: {name!r} names no parameter of the student; top-level names are "
-                    f"{sorted({n.split('.')[0] for n in params})}"
-                )
-            for n in hits:
-                params[n].requires_grad_(False)
-
     def effective_lr(self) -> float:
         """optim.lr is given for optim.lr_base_batch images; scale it with the global batch."""
         trainer = self.trainer
@@ -306,4 +307,4 @@ class ReductionModule(L.LightningModule):
             sd.setdefault(f"teacher.{k}", v)
 
 
-__all__ = ["ReductionModule", "distillation_loss", "reduce_backbone", "soft_targets", "is_patchable"]
+__all__ = ["ReductionModule", "distillation_loss", "freeze_parameters", "reduce_backbone", "soft_targets", "is_patchable"]

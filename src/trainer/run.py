@@ -30,7 +30,7 @@ from src.models.weights import WeightsError
 
 from .callbacks import finish_wandb, prepare_wandb, token_images_callback
 from .distributed import is_global_zero, unpadded_validation
-from .module import DISTILL_TYPES, ReductionModule, is_patchable, reduce_backbone
+from .module import DISTILL_TYPES, ReductionModule, freeze_parameters, is_patchable, reduce_backbone
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def check_config(cfg: DictConfig) -> None:
     model_cfg = plain(cfg.model)
     model_cfg.update(pretrained=False, checkpoint=None)
     skeleton = create_backbone(model_cfg)
-    reduce_backbone(skeleton, cfg.method.name, method_params(cfg, skeleton))
+    skeleton = reduce_backbone(skeleton, cfg.method.name, method_params(cfg, skeleton))
+    freeze_parameters(skeleton, (plain(cfg.get("optim")) or {}).get("frozen_params") or [])
     distill = plain(cfg.get("distill")) or {}
     if distill.get("type", "none") not in DISTILL_TYPES:
         raise ReductionConfigError(f"distill.type must be one of {DISTILL_TYPES}, got {distill.get('type')!r}")
