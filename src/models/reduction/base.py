@@ -172,8 +172,7 @@ def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST) ->
     cls_attn = full = None
     if req.need == "map" or req.softmax is not None or req.post_softmax is not None:
         qs = q * attn.scale
-        if req.transient_map and qs.device.type == "cpu" and not (
-                torch.is_grad_enabled() and (qs.requires_grad or k.requires_grad)):
+        if req.transient_map and qs.device.type == "cpu" and not (qs.requires_grad or k.requires_grad):
             logits = torch.matmul(qs, k.transpose(-2, -1), out=_map_buffer(qs, N, k.shape[-2]))
         else:
             logits = qs @ k.transpose(-2, -1)

@@ -50,6 +50,7 @@ from .base import (
     ReductionConfigError,
     ReductionMethod,
     TokenState,
+    gather_tokens,
     register,
 )
 from .tome import check_total_removal
@@ -148,13 +149,6 @@ def biased_softmax(bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
         return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
     return softmax
-
-
-def take_tokens(x: Tensor, flat: Tensor) -> Tensor:
-    """Rows `flat` of x (B, N, C) viewed as (B * N, C), back as (B, K, C): one index_select, faster
-    than an expanded gather on CPU."""
-    B, N, C = x.shape
-    return x.reshape(B * N, C).index_select(0, flat).view(B, -1, C)
 
 
 # --- parameters ---------------------------------------------------------------------------------------
@@ -280,10 +274,8 @@ class GTP(ReductionMethod):
         # W_prop = graph[rows_kept][:, rows_prop]: only the (N-1-r) x r block is gathered
         flat = (rows_kept.unsqueeze(-1) * m + rows_prop.unsqueeze(1)).flatten(1)
         w_prop = graph.flatten(1).gather(1, flat).view(rows.shape[0], kept.shape[1], r)
-        B, N, _ = state.x.shape
-        flat_prop = (prop + (p + N * torch.arange(B, device=prop.device)).unsqueeze(1)).flatten()
-        x_prop = take_tokens(state.x, flat_prop)
-        s_prop = take_tokens(state.size, flat_prop) if state.size is not None else None
+        x_prop = gather_tokens(state.x, prop + p)
+        s_prop = gather_tokens(state.size, prop + p) if state.size is not None else None
         state.keep(kept)
         # x_kept + alpha * W_prop @ x_prop, added in place to the fresh tensor `keep` made
         state.x[:, p:].add_(self.alpha * (w_prop @ x_prop))
