@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from src.models import ReductionConfigError, WeightsError, apply_reduction, load_weights
+from src.models import ReductionConfigError, WeightsError, apply_reduction, load_weights, remove_reduction
 from src.models.reduction.base import AttentionRequest, TokenState, attention
 from src.models.reduction.dynamicvit import DynamicViT, PredictorLG, policy_softmax
 from tests import golden
@@ -159,11 +159,18 @@ def test_strict_checkpoint_loading_official_layout():
         load_weights(patched(), plain)
 
 
-def test_reapply_keeps_trained_predictors_and_replaces_mismatched():
+def test_reapply_keeps_trained_predictors_and_refuses_mismatched():
+    """Re-applying never silently re-initialises trained predictors: same layout keeps them, another
+    layout is an error that leaves the model as it was, until the modules are dropped on purpose."""
     model = patched()
     w = model.score_predictor[0].in_conv[1].weight
     apply_reduction(model, "dynamicvit", keep_rate=0.5, locations=[1, 2, 3])
     assert model.score_predictor[0].in_conv[1].weight is w
+    with pytest.raises(ReductionConfigError, match="score_predictor.*remove_reduction"):
+        apply_reduction(model, "dynamicvit", keep_rate=0.5, locations=[1, 3])
+    assert model.score_predictor[0].in_conv[1].weight is w and model.reduction.keep_rate == 0.5
+    remove_reduction(model, drop_modules=True)
+    assert not hasattr(model, "score_predictor")
     apply_reduction(model, "dynamicvit", keep_rate=0.5, locations=[1, 3])
     assert len(model.score_predictor) == 2
 

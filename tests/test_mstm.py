@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
 from src.models.profile import count_gmacs
-from src.models.reduction import ReductionConfigError, apply_reduction
+from src.models.reduction import ReductionConfigError, apply_reduction, remove_reduction
 from src.models.reduction.mstm import MultiScaleFusion, merge_into_crucial
 
 from tests.tiny import images32 as images
@@ -78,7 +78,11 @@ def test_reapplying_keeps_the_trained_fusion_module():
     module = model.mstm_fusion
     apply_reduction(model, "mstm", keep_rate=0.6, locations=[1, 2])
     assert model.mstm_fusion is module
-    apply_reduction(model, "mstm", keep_rate=0.6, locations=[1, 2], scales=[2])
+    # other scales: re-applying would re-initialise the trained module, so it is refused
+    with pytest.raises(ReductionConfigError, match="mstm_fusion"):
+        apply_reduction(model, "mstm", keep_rate=0.6, locations=[1, 2], scales=[2])
+    assert model.mstm_fusion is module
+    apply_reduction(remove_reduction(model, drop_modules=True), "mstm", keep_rate=0.6, locations=[1, 2], scales=[2])
     assert model.mstm_fusion is not module and model.mstm_fusion.scales == (2,)
 
 

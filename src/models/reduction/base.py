@@ -21,9 +21,9 @@ softmax over the CLS query row for CLS-attention methods), the explicit map othe
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
-import threading
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
 
@@ -54,6 +55,8 @@ class TokenState:
     block_index: int = -1
     training: bool = False  # the model's mode: methods with separate train/eval paths read it
     trace_source: bool = False  # when True, methods keep `source` up to date (visualisation)
+    # one attention-map buffer for this forward pass, reused by every block that asks for a transient map
+    map_buffer: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -132,33 +135,40 @@ class AttentionResult:
         return self.keys.mean(1)
 
 
-_MAP_BUFFERS: Dict[tuple, Tensor] = {}
+def transient_map_out(state: Optional["TokenState"], q: Tensor, n_q: int, n_k: int) -> Optional[Tensor]:
+    """A (B, H, n_q, n_k) view of this forward pass's map buffer (grown when needed), or None when the
+    map must be a tensor of its own (autograd may keep it; CUDA's caching allocator already reuses).
+
+    On CPU every fresh multi-MB tensor is new kernel pages, and their page faults cost a map-reading
+    method (GTP) about as much as its softmax; one buffer per forward pass pays them once, not per
+    block. The buffer lives in the call's TokenState, so it is safe across inference_mode / no_grad /
+    autograd calls and threads (no state outlives the call)."""
+    if state is None or q.device.type != "cpu" or q.requires_grad or _compiling():
+        return None
+    need = q.shape[0] * q.shape[1] * n_q * n_k
+    buf = state.map_buffer
+    if buf is None or buf.numel() < need or buf.dtype != q.dtype:
+        buf = state.map_buffer = torch.empty(need, device=q.device, dtype=q.dtype)
+    return buf[:need].view(q.shape[0], q.shape[1], n_q, n_k)
 
 
-def _map_buffer(q: Tensor, n_q: int, n_k: int) -> Tensor:
-    """A (B, H, n_q, n_k) view of one growing CPU buffer per thread and dtype. Large CPU buffers are
-    otherwise fresh kernel pages on every allocation (glibc maps them), and their page faults cost a
-    map-reading method about as much as its softmax on a 2-core CPU. (CUDA's caching allocator
-    already reuses memory.)"""
-    shape = (*q.shape[:2], n_q, n_k)
-    need = shape[0] * shape[1] * n_q * n_k
-    key = (threading.get_ident(), q.dtype)
-    buf = _MAP_BUFFERS.get(key)
-    if buf is None or buf.numel() < need:
-        buf = _MAP_BUFFERS[key] = torch.empty(need, device=q.device, dtype=q.dtype)
-    return buf[:need].view(shape)
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
-def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST) -> AttentionResult:
-    """timm ``Attention.forward`` that also returns what `req` asks for."""
+def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST,
+              state: Optional[TokenState] = None) -> AttentionResult:
+    """timm ``Attention.forward`` that also returns what `req` asks for. `state` (optional) lends its
+    per-call buffer to a transient map."""
     B, N, _ = x.shape
+    attn_dim = attn.num_heads * attn.head_dim  # timm >= 1.0.23 names it attn.attn_dim
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     bias = req.bias
     if req.queries is None:
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
     else:  # project queries only for the query tokens (the fused qkv weight split in place)
-        n_q, d = req.queries, attn.num_heads * attn.head_dim
+        n_q, d = req.queries, attn_dim
         w, b = attn.qkv.weight, attn.qkv.bias
         q = F.linear(x[:, :n_q], w[:d], None if b is None else b[:d])
         q = q.reshape(B, n_q, attn.num_heads, attn.head_dim).transpose(1, 2)
@@ -172,8 +182,9 @@ def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST) ->
     cls_attn = full = None
     if req.need == "map" or req.softmax is not None or req.post_softmax is not None:
         qs = q * attn.scale
-        if req.transient_map and qs.device.type == "cpu" and not (qs.requires_grad or k.requires_grad):
-            logits = torch.matmul(qs, k.transpose(-2, -1), out=_map_buffer(qs, N, k.shape[-2]))
+        out_buf = transient_map_out(state, qs, N, k.shape[-2]) if req.transient_map else None
+        if out_buf is not None:
+            logits = torch.matmul(qs, k.transpose(-2, -1), out=out_buf)
         else:
             logits = qs @ k.transpose(-2, -1)
         if bias is not None:
@@ -196,7 +207,7 @@ def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST) ->
             if bias is not None:
                 row = row + bias[..., :1, :]
             cls_attn = row.softmax(dim=-1)[:, :, 0]
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn_dim))
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
@@ -209,6 +220,10 @@ class ReductionMethod:
     name: ClassVar[str] = "none"
     #: True when the method ranks tokens by CLS attention and so needs a class token.
     needs_class_token: ClassVar[bool] = False
+    #: Top-level attribute names of every module this method may attach to the model (under the
+    #: official checkpoint key names). Checkpoint keys under these names belong to the method: weight
+    #: loading reads this to tell which method a checkpoint was trained with.
+    module_names: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, model: VisionTransformer, **params: Any):
         if params:
@@ -352,30 +367,63 @@ def register(cls: type) -> type:
     return cls
 
 
-def run_block(block: Block, state: TokenState, method: ReductionMethod, i: int) -> TokenState:
-    """timm ``Block.forward`` with the method's hooks; keeps the block's own modules and names."""
+def _attend(block: Block, x: Tensor, req: AttentionRequest, state: Optional[TokenState]) -> AttentionResult:
+    return attention(block.attn, block.norm1(x), req, state)
+
+
+def _mlp_residual(block: Block, x: Tensor) -> Tensor:
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def run_block(block: Block, state: TokenState, method: ReductionMethod, i: int,
+              grad_checkpoint: bool = False) -> TokenState:
+    """timm ``Block.forward`` with the method's hooks; keeps the block's own modules and names.
+
+    With `grad_checkpoint` the attention and the MLP (the block's activations) are recomputed in
+    backward; the method's hooks run outside the checkpoints, so their in-place edits of the state
+    are never replayed."""
     state.block_index = i
     state = method.before_block(i, block, state)
     req = method.attention_request(i, state)
-    res = attention(block.attn, block.norm1(state.x), req)
+    if grad_checkpoint:
+        res = checkpoint(_attend, block, state.x, req, None, use_reentrant=False)
+    else:
+        res = _attend(block, state.x, req, state)
     if req.queries is not None:  # the non-query tokens leave after serving as keys/values
         idx = torch.arange(req.queries - state.num_protected, device=state.x.device)
         state.keep(idx[None].expand(state.x.shape[0], -1))
     state.x = state.x + block.drop_path1(block.ls1(res.out))
     state = method.after_attention(i, state, res)
-    state.x = state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x))))
+    if grad_checkpoint:
+        state.x = checkpoint(_mlp_residual, block, state.x, use_reentrant=False)
+    else:
+        state.x = _mlp_residual(block, state.x)
     state = method.after_block(i, state)
     state.tokens_per_block.append(state.x.shape[1])
     return state
 
 
+def _rebuild_reduced(base: type) -> nn.Module:
+    """Unpickling / deepcopy: a bare instance of the reduced class of `base` (state set afterwards)."""
+    return object.__new__(_reduced_class(base))
+
+
 class _ReducedMixin:
-    """Mixed into the model's own class by `apply_reduction`; only the feature path changes."""
+    """Mixed into the model's own class by `apply_reduction`: every token path of timm's
+    ``VisionTransformer`` (forward, forward_features, forward_intermediates, get_intermediate_layers,
+    grad checkpointing) runs the reduced blocks."""
 
     reduction: ReductionMethod
 
-    def forward_tokens(self, x: Tensor) -> TokenState:
-        """Patch embedding, blocks with reduction, final norm; returns the whole final state."""
+    def __reduce_ex__(self, protocol):
+        # the reduced class is made at run time; pickle and deepcopy rebuild it from the base class
+        base = next(c for c in type(self).__mro__ if not issubclass(c, _ReducedMixin))
+        return _rebuild_reduced, (base,), self.__getstate__()
+
+    def forward_tokens(self, x: Tensor, collect: Sequence[int] = (), last_block: Optional[int] = None) -> TokenState:
+        """Patch embedding, blocks with reduction, final norm; returns the whole final state.
+        `collect`: block indices whose output tokens are kept in ``state.extras["intermediates"]``;
+        `last_block`: stop after this block (no finalize, no final norm)."""
         x = self.patch_embed(x)
         grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(self.patch_embed.grid_size)
         x = self._pos_embed(x)
@@ -387,16 +435,88 @@ class _ReducedMixin:
         )
         state.ensure_source()
         state = self.reduction.init_state(self, state)
+        grad_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
+        taken = []
         for i, block in enumerate(self.blocks):
-            state = run_block(block, state, self.reduction, i)
+            state = run_block(block, state, self.reduction, i, grad_checkpoint)
+            if i in collect:
+                taken.append(state.x)
+            if last_block is not None and i >= last_block:
+                break
+        if collect:
+            state.extras["intermediates"] = taken
+        state.map_buffer = None
+        if last_block is not None and last_block < len(self.blocks) - 1:
+            return state
         state = self.reduction.finalize(self, state)
         state.x = self.norm(state.x)
         return state
 
+    def forward_head_state(self, state: TokenState, pre_logits: bool = False) -> Tensor:
+        """``forward_head`` on a final state: average pooling weighs every token by its size (how many
+        patches a merged token stands for), so a merged model pools like the unmerged one."""
+        if state.size is None or getattr(self, "attn_pool", None) is not None or self.global_pool not in ("avg", "avgmax"):
+            return self.forward_head(state.x, pre_logits=pre_logits)
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        x, size = state.x[:, start:], state.size[:, start:].to(state.x.dtype)
+        pooled = (x * size).sum(1) / size.sum(1)
+        if self.global_pool == "avgmax":
+            pooled = 0.5 * (pooled + x.amax(1))
+        pooled = self.head_drop(self.fc_norm(pooled))
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        _refuse_masks(attn_mask, is_causal)
+        return self.forward_head_state(self.forward_tokens(x))
+
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("attention masks are not supported on a token-reduced model")
+        _refuse_masks(attn_mask, is_causal)
         return self.forward_tokens(x).x
+
+    def forward_intermediates(
+        self, x: Tensor, indices=None, return_prefix_tokens: bool = False, norm: bool = False,
+        stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+        output_dict: bool = False, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+    ):
+        """timm's ``forward_intermediates`` on the reduced model. Tokens (NLC) of any block; a spatial
+        (NCHW) map only of blocks whose patch tokens still fill the grid, else a clear error."""
+        from timm.models._features import feature_take_indices
+
+        _refuse_masks(attn_mask, is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        stop = max_index if (stop_early or intermediates_only) else None
+        state = self.forward_tokens(x, collect=tuple(take), last_block=stop)
+        p = self.num_prefix_tokens
+        feats = [self.norm(t) if norm else t for t in state.extras["intermediates"]]
+        prefix = [t[:, :p] for t in feats] if p else None
+        feats = [t[:, p:] for t in feats]
+        if output_fmt == "NCHW":
+            H, W = state.grid_size
+            for i, t in zip(take, feats):
+                if t.shape[1] != H * W:
+                    raise ValueError(
+                        f"block {i} of the token-reduced model ({self.reduction.name}) holds {t.shape[1]} patch "
+                        f"tokens, not the {H}x{W} grid, so it has no (B, C, H, W) map; ask for "
+                        "output_fmt='NLC' (get_intermediate_layers(..., reshape=False)) to get its tokens"
+                    )
+            feats = [t.transpose(1, 2).reshape(t.shape[0], -1, H, W).contiguous() for t in feats]
+        if output_dict:
+            out = {"image_intermediates": feats}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = state.x
+            return out
+        if return_prefix_tokens and prefix is not None:
+            feats = list(zip(feats, prefix))
+        return feats if intermediates_only else (state.x, feats)
+
+
+def _refuse_masks(attn_mask: Optional[Tensor], is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("attention masks are not supported on a token-reduced model")
 
 
 _CLASS_CACHE: Dict[type, type] = {}
@@ -406,23 +526,32 @@ def _reduced_class(cls: type) -> type:
     if issubclass(cls, _ReducedMixin):
         return cls
     if cls not in _CLASS_CACHE:
-        _CLASS_CACHE[cls] = type(f"Reduced{cls.__name__}", (_ReducedMixin, cls), {})
+        _CLASS_CACHE[cls] = type(f"Reduced{cls.__name__}", (_ReducedMixin, cls), {"__module__": __name__})
     return _CLASS_CACHE[cls]
 
 
 def check_model(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
+        kind = type(model).__name__
+        hint = (" timm's Eva (EVA-02) applies rotary position embeddings inside attention, which would have "
+                "to follow every kept, merged or dropped token; it is not supported yet." if kind == "Eva" else "")
         raise ReductionConfigError(
-            f"token reduction patches timm VisionTransformer models; got {type(model).__name__}"
+            f"token reduction patches timm VisionTransformer models (DeiT, ViT AugReg, DeiT-III, CLIP, SigLIP, "
+            f"DINOv2, MAE, ...); got {kind}.{hint}"
         )
     for i, block in enumerate(model.blocks):
-        if type(block) is not Block or not isinstance(block.attn, Attention):
+        attn = getattr(block, "attn", None)
+        if type(block) is not Block or not isinstance(attn, Attention):
+            inside = f" with {type(attn).__name__}" if attn is not None else " (no .attn: parallel attention/MLP branches)"
             raise ReductionConfigError(
-                f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}; only timm's "
-                "pre-norm Block with Attention is supported (DeiT, DeiT-III, ViT AugReg, ...)"
+                f"block {i} is a {type(block).__name__}{inside}; only timm's pre-norm Block with Attention "
+                "is supported (DeiT, DeiT-III, ViT AugReg, CLIP, SigLIP, DINOv2, ...)"
             )
-    if getattr(model, "attn_pool", None) is not None:
-        raise ReductionConfigError("attention-pooling heads (global_pool='map') are not supported")
+
+
+def _module_layout(module: nn.Module) -> Tuple[str, List[Tuple[str, Tuple[int, ...]]]]:
+    """What must agree for a held module to serve a new apply: its structure (repr) and its tensors."""
+    return repr(module), [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
 
 
 def apply_reduction(
@@ -432,7 +561,9 @@ def apply_reduction(
 
     `trace_source=True` makes every forward pass record which input tokens each remaining token
     stands for (`forward_tokens(x).source`, used by the visualisation). Calling it again replaces
-    the previous method. Errors in `params` are raised here, before any forward pass.
+    the previous method; a module the method adds that the model already holds with the same layout
+    (e.g. trained DynamicViT predictors) is kept, one with another layout is an error. New modules
+    follow the model's device and dtype. Errors in `params` are raised here, before any forward pass.
     """
     check_model(model)
     if method not in REGISTRY:
@@ -451,17 +582,50 @@ def apply_reduction(
         raise ReductionConfigError(
             f"method '{method}' does not take {unknown}; its parameters are {accepted}"
         )
-    impl = cls(model, **params)
+    held = {n: getattr(model, n) for n in cls.module_names if isinstance(getattr(model, n, None), nn.Module)}
+    try:
+        impl = cls(model, **params)
+        _settle_new_modules(model, impl, held)
+    except BaseException:
+        for name, module in held.items():  # leave the model as it was
+            setattr(model, name, module)
+        raise
     model.__class__ = _reduced_class(type(model))
     model.reduction = impl
     model.trace_source = bool(trace_source)
     return model
 
 
-def remove_reduction(model: VisionTransformer) -> VisionTransformer:
-    """Undo `apply_reduction`'s class swap (modules a method added stay attached)."""
+def _settle_new_modules(model: nn.Module, impl: ReductionMethod, held: Dict[str, nn.Module]) -> None:
+    """Keep modules the model already held (trained weights are never silently re-initialised) and
+    put fresh ones on the model's device and dtype."""
+    ref = next(iter(model.parameters()))
+    for name in impl.new_module_names():
+        new, old = getattr(model, name), held.get(name)
+        if old is None or old is new:
+            new.to(device=ref.device, dtype=ref.dtype)
+        elif _module_layout(old) == _module_layout(new):
+            setattr(model, name, old)
+        else:
+            raise ReductionConfigError(
+                f"the model already holds a '{name}' module whose layout does not fit {impl!r}; re-applying "
+                "would re-initialise it. Apply the same settings it was built with, or call "
+                "remove_reduction(model, drop_modules=True) first to start from fresh modules"
+            )
+
+
+def remove_reduction(model: VisionTransformer, drop_modules: bool = False) -> VisionTransformer:
+    """Undo `apply_reduction`'s class swap. The modules the method added stay attached unless
+    `drop_modules` (then the model is exactly the unpatched timm model again)."""
     if isinstance(model, _ReducedMixin):
-        model.__class__ = next(c for c in type(model).__mro__[1:] if c is not _ReducedMixin
-                               and not issubclass(c, _ReducedMixin))
+        if drop_modules:
+            for name in model.reduction.new_module_names():
+                delattr(model, name)
+        model.__class__ = next(c for c in type(model).__mro__ if not issubclass(c, _ReducedMixin))
         del model.reduction, model.trace_source
     return model
+
+
+def unreduced_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` without its reduction or the method's modules (e.g. the teacher)."""
+    return remove_reduction(copy.deepcopy(model), drop_modules=True)

@@ -100,6 +100,7 @@ def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
 @register
 class DynamicViT(ReductionMethod):
     name = "dynamicvit"
+    module_names = ("score_predictor",)
     #: the trainer runs the unreduced teacher and passes teacher_logits / teacher_state to `losses`
     needs_teacher = True
 

@@ -37,6 +37,7 @@ Deviations from the reference, on purpose:
 """
 from __future__ import annotations
 
+import functools
 from numbers import Real
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -220,10 +221,10 @@ class GTP(ReductionMethod):
         self.graph = graph
         self.num_neighbours = num_neighbours
         self.selection = selection
-        self.score = SELECTIONS[selection]
         self.sparsity = float(sparsity)
         self.token_scale = token_scale
-        self._post_softmax = (lambda a: sparsify(a, self.sparsity)) if self.sparsity < 1.0 else None
+        # partial, not a lambda: the method is pickled with the model
+        self._post_softmax = functools.partial(sparsify, sparsity=self.sparsity) if self.sparsity < 1.0 else None
         self.first_propagating_block = next((i for i, v in enumerate(self.r) if v > 0), self.depth)
 
     def init_state(self, model, state: TokenState) -> TokenState:
@@ -265,7 +266,7 @@ class GTP(ReductionMethod):
         if r <= 0:
             return state
         p = state.num_protected
-        order = torch.argsort(self.score(res.attn, p), dim=1, descending=True)
+        order = torch.argsort(SELECTIONS[self.selection](res.attn, p), dim=1, descending=True)
         kept, prop = order[:, :-r], order[:, -r:]
         rows = state.extras[ROWS_KEY]
         rows_kept, rows_prop = rows.gather(1, kept), rows.gather(1, prop)

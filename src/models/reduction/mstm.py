@@ -52,6 +52,9 @@ class MultiScaleFusion(nn.Module):
             nn.init.zeros_(proj.weight)
             nn.init.zeros_(proj.bias)
 
+    def extra_repr(self) -> str:
+        return f"scales={self.scales}"
+
     def forward(self, patches: Tensor) -> Tensor:
         """patches: (B, H, W, C) -> the same map with every coarse scale added."""
         H, W = patches.shape[1:3]
@@ -93,6 +96,7 @@ def merge_into_crucial(
 @register
 class MSTM(KeepRateMethod):
     name = "mstm"
+    module_names = (FUSION_ATTR,)
     label = "MSTM"
 
     def __init__(

@@ -120,6 +120,7 @@ def _pool_size(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
 @register
 class STViT(ReductionMethod):
     name = "stvit"
+    module_names = ("stvit_centre", "stvit_recover")
 
     def __init__(self, model, block: int = 4, pool_size: Union[int, Sequence[int]] = 4, pool: str = "max",
                  global_centre: bool = True, recover: bool = False):
