@@ -414,7 +414,7 @@ def test_training_at_low_keep_rate_is_finite():
     ({"keep_rate": 0.0}, "keep_rate must be a number in \\(0, 1\\]"),
     ({"keep_rate": 1.5}, "keep_rate must be a number in \\(0, 1\\]"),
     ({"keep_rate": "0.7"}, "keep_rate"),
-    ({"locations": [1, 9]}, "block indices in 0..3"),
+    ({"locations": [1, 9]}, r"location 9 is not a block index of this 4-block model; use a 0-based int in \[0, 3\]"),
     ({"locations": [2, 1]}, "strictly increasing"),
     ({"locations": []}, "non-empty list"),
     ({"locations": 2}, "non-empty list"),

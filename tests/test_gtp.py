@@ -235,7 +235,8 @@ def test_graph_follows_input_dtype():
         (dict(r=-1), ">= 0"),
         (dict(r=16), "at most 63"),  # 4 blocks x 16 = 64 > 63 removable of 64 patches
         (dict(r=[1, 2]), "one int per block"),
-        (dict(r=2.5), "int or a per-block list"),
+        (dict(r=2.5), r"GTP r=2.5: a float is the fraction of the 64 patch tokens .* must be in \(0.0625, 1\)"),
+        (dict(r="8"), "int or a per-block list"),
         (dict(selection="MixedAttnMax"), "unknown GTP selection"),
         (dict(selection="random"), "not provided"),
         (dict(graph="none"), "unknown GTP graph"),

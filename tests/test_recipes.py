@@ -8,6 +8,7 @@ import timm
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from src.bench import build_reduced
 from src.models import apply_reduction
 from src.trainer.module import ReductionModule
 
@@ -106,7 +107,7 @@ def test_gtp_eval_uses_the_readme_p8_setting():
 def test_dynamicvit_digits_fits_the_quickstart_model():
     cfg = compose_experiment("dynamicvit_digits")
     assert cfg.model.kwargs.depth == 4
-    assert cfg.method.name == "dynamicvit" and list(cfg.method.params.locations) == [1, 2, 3]
+    assert cfg.method.name == "dynamicvit" and build_reduced(cfg)[0].reduction.locations == [1, 2, 3]  # quarter points
     assert cfg.trainer.gradient_clip_val == 5.0  # the project default stays on here
     assert cfg.distill.type == "none" and cfg.ema.enabled
 
@@ -118,7 +119,7 @@ def test_compare_dynamicvit_digits_gives_each_method_its_own_recipe(method):
     cfg = compose_experiment("compare_dynamicvit_digits", f"method={method}")
     assert cfg.schedule.name == "flops" and cfg.schedule.gmacs == 0.00176 and cfg.trainer.max_epochs == 8
     if method == "dynamicvit":
-        assert cfg.method.params.ratio_weight == 100.0 and list(cfg.method.params.locations) == [1, 2, 3]
+        assert cfg.method.params.ratio_weight == 100.0 and build_reduced(cfg)[0].reduction.locations == [1, 2, 3]
         assert cfg.distill.type == "none" and cfg.optim.backbone_lr_scale == 0.01
         assert list(cfg.optim.frozen_params) == ["cls_token", "pos_embed"]
     else:

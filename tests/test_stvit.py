@@ -125,8 +125,9 @@ def test_deit_s_default_loses_about_60_percent_of_gmacs():
 
 
 @pytest.mark.parametrize("params,match", [
-    (dict(block=11), r"block must be an int in \[0, 10\]"),
-    (dict(block=-1), "block must be"),
+    (dict(block=11), r"block 11\): .* block must be in \[0, 10\]"),
+    (dict(block=-1), r"block -1 is not a block index of this 12-block model; use a 0-based int in \[0, 11\]"),
+    (dict(block=1.5), r"a float is a fraction of the depth in \[0, 1\)"),
     (dict(pool_size=15), "larger than the 14x14"),
     (dict(pool_size=0), ">= 1"),
     (dict(pool_size=[2, 2, 2]), "int or"),

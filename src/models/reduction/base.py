@@ -272,21 +272,56 @@ class ReductionMethod:
 
 # --- shared by the methods that reduce at chosen blocks by CLS attention (EViT, BAT, MSTM) ---------
 CLS_ROW = AttentionRequest(need="cls")
+#: Blocks 3, 6, 9 of a 12-block ViT (the papers' setting), as fractions so they fit any depth.
+QUARTER_POINTS = (0.25, 0.5, 0.75)
+
+
+def resolve_block(value, depth: int, what: str) -> int:
+    """A 0-based block index from an int, or from a float in [0, 1): that fraction of the depth,
+    rounded half up, so one config serves every depth (0.25 / 0.5 / 0.75 -> blocks 3 / 6 / 9 of 12,
+    6 / 12 / 18 of 24, 1 / 2 / 3 of 4)."""
+    if isinstance(value, Real) and not isinstance(value, (bool, int)):
+        if not 0.0 <= float(value) < 1.0:
+            raise ReductionConfigError(
+                f"{what} {value!r}: a float is a fraction of the depth in [0, 1); give an int for a block "
+                f"index in [0, {depth - 1}]"
+            )
+        return int(float(value) * depth + 0.5)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < depth:
+        raise ReductionConfigError(
+            f"{what} {value!r} is not a block index of this {depth}-block model; use a 0-based int in "
+            f"[0, {depth - 1}] or a fraction of the depth in [0, 1) (e.g. 0.25 for block {int(0.25 * depth + 0.5)})"
+        )
+    return value
+
+
+def resolve_r(value, depth: int, num_patches: int, what: str) -> int:
+    """Tokens removed per block from an int, or from a float in (0, 1): that fraction of the input's
+    patch tokens removed over all blocks, ``int(f * num_patches / depth)`` per block (0.8 -> 13 on a
+    12-block ViT with 196 patches, 6 with 24 blocks, 91 at 518 px with 1369 patches)."""
+    if isinstance(value, Real) and not isinstance(value, (bool, int)):
+        per_block = int(float(value) * num_patches / depth) if 0.0 < float(value) < 1.0 else -1
+        if per_block < 1:
+            raise ReductionConfigError(
+                f"{what}={value!r}: a float is the fraction of the {num_patches} patch tokens removed over all "
+                f"{depth} blocks and must be in ({depth / num_patches:.3g}, 1) to remove at least one token "
+                "per block; or give an int per block"
+            )
+        return per_block
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReductionConfigError(f"{what} must be an int (tokens per block) or a fraction in (0, 1), got {value!r}")
+    return value
 
 
 def parse_locations(locations, depth: int, method: str) -> List[int]:
-    """A list of distinct 0-based block indices of a `depth`-block model."""
-    if isinstance(locations, (int, str)) or not isinstance(locations, Sequence):
+    """A list of distinct 0-based block indices of a `depth`-block model (ints, or fractions of the depth)."""
+    if isinstance(locations, (int, float, str)) or not isinstance(locations, Sequence):
         raise ReductionConfigError(f"{method} locations must be a list of block indices, got {locations!r}")
-    locs = list(locations)
-    for loc in locs:
-        if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < depth:
-            raise ReductionConfigError(
-                f"{method} location {loc!r} is not a block index of this {depth}-block model; "
-                f"use 0-based indices in [0, {depth - 1}] (e.g. [3, 6, 9] for 12 blocks)"
-            )
+    locs = [resolve_block(loc, depth, f"{method} location") for loc in locations]
     if len(set(locs)) != len(locs):
-        raise ReductionConfigError(f"{method} locations must not repeat a block, got {locs}")
+        raise ReductionConfigError(
+            f"{method} locations must not repeat a block, got {list(locations)} -> blocks {locs} of {depth}"
+        )
     return locs  # in the given order: a per-location keep-rate list pairs with it by position
 
 

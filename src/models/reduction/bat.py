@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
+    QUARTER_POINTS,
     KeepRateMethod,
     AttentionResult,
     ReductionConfigError,
@@ -159,7 +160,7 @@ class BAT(KeepRateMethod):
         self,
         model,
         keep_rate: Union[float, Sequence[float]] = 0.7,
-        locations: Sequence[int] = (3, 6, 9),
+        locations: Sequence[Union[int, float]] = QUARTER_POINTS,
         cluster_ratio: Optional[float] = None,
         pair_ratio: Optional[float] = None,
         knn: int = 5,

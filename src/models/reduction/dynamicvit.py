@@ -31,7 +31,7 @@ Deviations from the reference, all invisible where the reference's outputs are f
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -39,12 +39,14 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .base import (
+    QUARTER_POINTS,
     NO_REQUEST,
     AttentionRequest,
     ReductionConfigError,
     ReductionMethod,
     TokenState,
     gather_tokens,
+    parse_locations,
     register,
 )
 
@@ -108,7 +110,7 @@ class DynamicViT(ReductionMethod):
         self,
         model,
         keep_rate: float = 0.7,
-        locations: Sequence[int] = (3, 6, 9),
+        locations: Sequence[Union[int, float]] = QUARTER_POINTS,
         ratio_weight: float = 2.0,
         distill_weight: float = 0.5,
         token_distill_weight: float = 0.5,
@@ -139,17 +141,11 @@ class DynamicViT(ReductionMethod):
         self._attach_predictors(model)
 
     def _check_locations(self, locations: Any) -> List[int]:
-        if isinstance(locations, int) or not isinstance(locations, Sequence) or len(locations) == 0:
+        if isinstance(locations, (int, float)) or not isinstance(locations, Sequence) or len(locations) == 0:
             raise ReductionConfigError(
                 f"dynamicvit locations must be a non-empty list of block indices, got {locations!r}"
             )
-        locs = []
-        for v in locations:
-            if isinstance(v, bool) or not float(v).is_integer() or not 0 <= int(v) < self.depth:
-                raise ReductionConfigError(
-                    f"dynamicvit locations must be block indices in 0..{self.depth - 1}, got {list(locations)}"
-                )
-            locs.append(int(v))
+        locs = parse_locations(locations, self.depth, "dynamicvit")
         if any(b <= a for a, b in zip(locs, locs[1:])):
             raise ReductionConfigError(f"dynamicvit locations must be strictly increasing, got {locs}")
         return locs

@@ -26,6 +26,7 @@ from typing import Sequence, Union
 import torch
 
 from .base import (
+    QUARTER_POINTS,
     KeepRateMethod,
     AttentionResult,
     ReductionConfigError,
@@ -43,7 +44,7 @@ class EViT(KeepRateMethod):
         self,
         model,
         keep_rate: Union[float, Sequence[float]] = 0.7,
-        locations: Sequence[int] = (3, 6, 9),
+        locations: Sequence[Union[int, float]] = QUARTER_POINTS,
         fuse_token: bool = True,
     ):
         self._set_schedule(model, keep_rate, locations)

@@ -53,6 +53,7 @@ from .base import (
     TokenState,
     gather_tokens,
     register,
+    resolve_r,
 )
 from .tome import check_total_removal
 
@@ -153,9 +154,13 @@ def biased_softmax(bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
 
 
 # --- parameters ---------------------------------------------------------------------------------------
-def parse_gtp_r(depth: int, r) -> List[int]:
+def parse_gtp_r(depth: int, r, num_patches: int) -> List[int]:
+    """An int for every block, one int per block, or a float in (0, 1): that fraction of the patch
+    tokens propagated away over all blocks, as a constant r (base.resolve_r: 0.5 -> r=8 on DeiT)."""
     if isinstance(r, bool):
         raise ReductionConfigError(f"GTP r must be an int or a per-block list, got {r!r}")
+    if isinstance(r, float):
+        r = resolve_r(r, depth, num_patches, "GTP r")
     if isinstance(r, int):
         out = [r] * depth
     elif isinstance(r, Sequence) and not isinstance(r, str):
@@ -178,7 +183,7 @@ class GTP(ReductionMethod):
     def __init__(
         self,
         model,
-        r: Union[int, Sequence[int]] = 8,
+        r: Union[int, float, Sequence[int]] = 0.5,  # r=8 per block on 12 blocks x 196 patches
         alpha: float = 0.1,
         graph: str = "mixed",
         num_neighbours: int = 8,
@@ -194,7 +199,7 @@ class GTP(ReductionMethod):
         self.depth = len(model.blocks)
         self.num_prefix = model.num_prefix_tokens
         num_patches = model.patch_embed.num_patches
-        self.r = parse_gtp_r(self.depth, r)
+        self.r = parse_gtp_r(self.depth, r, num_patches)
         check_total_removal(self.r, num_patches + self.num_prefix, self.num_prefix, f"GTP r={r!r}")
         if selection not in SELECTIONS:
             hint = " (random selection is not provided: it is unseeded in the reference)" if selection in (

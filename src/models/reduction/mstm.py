@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import (
+    QUARTER_POINTS,
     KeepRateMethod,
     AttentionResult,
     ReductionConfigError,
@@ -103,7 +104,7 @@ class MSTM(KeepRateMethod):
         self,
         model,
         keep_rate: Union[float, Sequence[float]] = 0.7,
-        locations: Sequence[int] = (3, 6, 9),
+        locations: Sequence[Union[int, float]] = QUARTER_POINTS,
         fusion: bool = True,
         scales: Sequence[int] = (2, 4),
     ):

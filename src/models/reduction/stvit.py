@@ -46,6 +46,7 @@ from .base import (
     ReductionMethod,
     TokenState,
     register,
+    resolve_block,
 )
 
 Tensor = torch.Tensor
@@ -122,15 +123,16 @@ class STViT(ReductionMethod):
     name = "stvit"
     module_names = ("stvit_centre", "stvit_recover")
 
-    def __init__(self, model, block: int = 4, pool_size: Union[int, Sequence[int]] = 4, pool: str = "max",
-                 global_centre: bool = True, recover: bool = False):
+    def __init__(self, model, block: Union[int, float] = 0.333, pool_size: Union[int, Sequence[int]] = 4,
+                 pool: str = "max", global_centre: bool = True, recover: bool = False):
         self.depth = len(model.blocks)
-        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block <= self.depth - 2:
+        index = resolve_block(block, self.depth, "STViT block")
+        if index > self.depth - 2:
             raise ReductionConfigError(
-                f"STViT block={block!r}: the two generation blocks are `block` and `block+1`, so block must "
-                f"be an int in [0, {self.depth - 2}] for this {self.depth}-block model"
+                f"STViT block={block!r} (block {index}): the two generation blocks are `block` and `block+1`, "
+                f"so block must be in [0, {self.depth - 2}] for this {self.depth}-block model"
             )
-        self.block = block
+        self.block = index
         self.pool_size = _pool_size(pool_size)
         grid = tuple(model.patch_embed.grid_size)
         if self.pool_size[0] > grid[0] or self.pool_size[1] > grid[1]:
