@@ -1,5 +1,9 @@
 """Evaluate a token-reduced timm ViT off-the-shelf (no training): `python eval.py model=deit_s method=tome`.
-Same config tree as train.py, with train=false (conf/eval.yaml)."""
+Same config tree as train.py, with train=false (conf/eval.yaml).
+
+A checkpoint of a train.py run (or an official DeiT / EViT / DynamicViT file) is evaluated with the
+method it was trained with: `python eval.py method=dynamicvit model.checkpoint=<run>/checkpoints/last.ckpt`
+(`model.checkpoint_ema=true`: its EMA weights). The teacher is the checkpoint's backbone, unreduced."""
 import os
 import sys
 from pathlib import Path
@@ -15,7 +19,7 @@ def main(cfg: DictConfig):
     from src.trainer.run import USER_ERRORS, run
 
     try:
-        summary = run(cfg)
+        summary = run(cfg)  # checks every config value first
         # hyper-parameter sweeps (hparams_search) optimise one summary.json key
         return summary.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     except USER_ERRORS as err:

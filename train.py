@@ -15,11 +15,13 @@ from omegaconf import DictConfig  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
+    from src.trainer.config_check import check_values
     from src.trainer.distributed import is_global_zero
     from src.trainer.objective import check_objective, objective
     from src.trainer.run import USER_ERRORS, plain, run
 
     try:
+        check_values(cfg)  # every config value (run() checks again: cheap), before the sweep objective's
         metric, budget = plain(cfg.get("optimized_metric")), plain(cfg.get("budget"))
         check_objective(metric, budget)
         summary = run(cfg)

@@ -172,10 +172,10 @@ def compose(tmp_path, monkeypatch):
     (["method=evit", "method.params.keep_rate=0", "method.params.locations=[1]"], "ReductionConfigError",
      "keep_rate"),
     (["model.img_size=30"], "BackboneError", "not divisible by the patch size"),
-    (["data=imagenet", "data.root=/no/such/imagenet"], "DataError", "/no/such/imagenet"),
-    (["distill.type=kl"], "ReductionConfigError", "distill.type"),
+    (["data=imagenet", "model.num_classes=1000", "data.root=/no/such/imagenet"], "DataError", "/no/such/imagenet"),
+    (["distill.type=kl"], "ConfigValueError", "distill.type=kl must be one of none, soft, hard"),
     (["ckpt_path=/no/such/last.ckpt"], "WeightsError", "ckpt_path=/no/such/last.ckpt"),
-    (["data.val_per_class=500"], "DataError", "val_per_class=500"),
+    (["data.val_per_class=500"], "ConfigValueError", "data.val_per_class=500 must be an integer between 1 and 499"),
     (["optim.frozen_params=[pos_embd]"], "ReductionConfigError", "'pos_embd' names no parameter"),
 ])
 def test_config_errors_before_training(compose, overrides, error, match, tmp_path):
