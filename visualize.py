@@ -7,7 +7,9 @@
 
 Without `image=`, the first validation image of the embedded digits is used. The model's weights
 come from the model config (timm pretrained path or model.checkpoint; for the quickstart model pass
-model.checkpoint=<a checkpoint of a train.py run>, otherwise its weights are random).
+model.checkpoint=<a checkpoint of a train.py run>, otherwise its weights are random). The checkpoint is
+loaded after the method is applied (build_model), so a run's own modules load with it, e.g.
+`python visualize.py method=dynamicvit model.checkpoint=logs/train/runs/<run>/checkpoints/last.ckpt`.
 """
 from __future__ import annotations
 

@@ -25,16 +25,20 @@ def compose_config(overrides: Sequence[str]):
 
 
 def build_reduced(cfg, pretrained: bool = False):
-    """The backbone of cfg.model with cfg.method applied (random weights unless `pretrained`)."""
+    """The model of cfg.model with cfg.method applied, through build_model (bare model -> method ->
+    weights). Weights: model.checkpoint when set (loaded into the patched model, so a method's
+    modules load with it; with method none, the unreduced reference, only its backbone); else timm's
+    pretrained weights when `pretrained`; else random."""
+    from .models.backbone import build_model
+
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if not pretrained:
-        model_cfg.update(pretrained=False, checkpoint=None)
-    model = create_backbone(model_cfg)
-    params = resolve_params(
-        model, cfg.method.name, OmegaConf.to_container(cfg.method.params, resolve=True),
+        model_cfg["pretrained"] = False  # an explicit model.checkpoint is still loaded
+    return build_model(
+        model_cfg, cfg.method.name, OmegaConf.to_container(cfg.method.params, resolve=True),
         OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") else None,
+        drop_method_modules=cfg.method.name == "none",
     )
-    return apply_reduction(model, cfg.method.name, **params), params
 
 
 def _short(params: Mapping) -> str:

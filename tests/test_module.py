@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
-from src.models.backbone import create_backbone
-from src.models.reduction import REGISTRY, ReductionConfigError, ReductionMethod, register
+from src.models.backbone import build_model, create_backbone
+from src.models.reduction import REGISTRY, ReductionConfigError, ReductionMethod, apply_reduction, register
 from src.trainer.module import ReductionModule, distillation_loss, soft_targets
 
 TINY = {"name": "vit_tiny_patch16_224", "pretrained": False, "checkpoint": None, "num_classes": 10,
@@ -259,3 +259,54 @@ def test_ema_follows_the_student_outside_the_optimizer():
     expected = 0.5 * before + 0.5 * m.student.head.weight
     assert torch.allclose(m.ema.module.head.weight, expected, atol=1e-6)
     assert m.ema.module.reduction.name == "tome"  # the EMA copy is reduced like the student
+
+
+def test_an_already_reduced_student_is_taken_as_is_and_the_teacher_is_its_unreduced_copy():
+    """build_model's student (method applied, weights loaded) goes in unchanged; the teacher has the
+    student's backbone weights and none of the method's modules."""
+    student, _ = build_model(TINY, "dynamicvit", {"keep_rate": 0.7, "locations": [1]})
+    with torch.no_grad():
+        student.score_predictor[0].out_conv[2].weight.add_(1.0)  # "trained" predictors
+    predictor = student.score_predictor[0].out_conv[2].weight
+    m = ReductionModule(student, num_classes=10)
+    assert m.student is student and m.method == "dynamicvit"
+    assert m.student.score_predictor[0].out_conv[2].weight is predictor  # not re-initialised
+    assert m.teacher.reduction.name == "none" and not hasattr(m.teacher, "score_predictor")
+    t_sd = m.teacher.state_dict()
+    s_sd = {k: v for k, v in student.state_dict().items() if not k.startswith("score_predictor.")}
+    assert set(t_sd) == set(s_sd) and all(torch.equal(t_sd[k], v) for k, v in s_sd.items())
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(m.teacher.parameters(), student.parameters()))
+    plain = ReductionModule(backbone(), num_classes=10)  # an unpatched ViT: method none
+    assert plain.method == "none" and plain.student.reduction.name == "none"
+
+
+def test_merged_tokens_pool_by_size_in_the_training_path():
+    """run_model uses forward_head_state: with average pooling, a merged token counts as many patches."""
+    torch.manual_seed(0)
+    model = create_backbone({**TINY, "kwargs": {**TINY["kwargs"], "global_pool": "avg", "class_token": False}})
+    m = ReductionModule(apply_reduction(model, "tome", r=3), num_classes=10).eval()
+    x, _ = batch()
+    with torch.no_grad():
+        logits, state = m.run_model(m.student, x, m.tokens_api)
+        assert state.size is not None and (state.size > 1).any()
+        assert torch.allclose(logits, m.student.forward_head_state(state))
+        assert torch.allclose(logits, m.student(x))
+        assert not torch.allclose(logits, m.student.forward_head(state.x), atol=1e-6)
+
+
+def test_ema_weights_are_saved_apart_with_plain_student_names_and_restored_on_resume():
+    m = fake_trainer(make(ema={"enabled": True, "decay": 0.5}))
+    with torch.no_grad():
+        for p in m.ema.module.parameters():
+            p.add_(1.0)  # the EMA differs from the student
+    ckpt = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(ckpt)
+    assert not any(k.startswith(("ema.", "teacher.")) for k in ckpt["state_dict"])
+    ema = ckpt["state_dict_ema"]
+    assert set(ema) == set(m.student.state_dict())
+    assert all(torch.equal(ema[k], v) for k, v in m.ema.module.state_dict().items())
+    other = make(seed=5, ema={"enabled": True, "decay": 0.5})
+    other.on_load_checkpoint(ckpt)
+    other.load_state_dict(ckpt["state_dict"], strict=True)  # Lightning's resume
+    for k, v in m.ema.module.state_dict().items():
+        assert torch.equal(other.ema.module.state_dict()[k], v), k

@@ -5,7 +5,7 @@ import torch
 
 from src.models.backbone import create_backbone
 from src.models.profile import count_gmacs, count_params
-from src.models.stvit_swin import GenerationBlock, SemanticBlock, SemanticStage, STViTRSwin
+from src.models.stvit_swin import GenerationBlock, SemanticBlock, SemanticStage, STViTRSwin, checkpoint_filter_fn
 from timm.models.swin_transformer import SwinTransformerBlock
 
 
@@ -88,3 +88,28 @@ def test_bad_sizes_and_pretrained_are_clear_errors():
         STViTRSwin(img_size=256)
     with pytest.raises(ValueError, match="trained from scratch"):
         timm.create_model("stvit_r_swin_small", pretrained=True)
+
+
+def test_official_key_names_map_by_renaming_only():
+    """The documented mapping of STViT-R-Swin-*.pth["model"] names (tensors untouched); this
+    project's own names pass unchanged. Loading and logits: tests/test_checkpoints.py."""
+    t = torch.zeros(1)
+    official = {
+        "patch_embed.proj.0.c.weight": t, "patch_embed.proj.0.bn.running_mean": t,
+        "patch_embed.proj.2.c.weight": t, "patch_embed.proj.2.bn.num_batches_tracked": t,
+        "layers.2.downsample.reduction.weight": t, "layers.0.downsample.norm.bias": t,
+        "layers.0.blocks.1.attn.relative_position_index": t, "layers.1.blocks.1.attn_mask": t,
+        "layers.2.blocks.3.attn.kv.weight": t, "layers.3.blocks.0.attn.relative_position_bias_table": t,
+        "norm.weight": t, "head.bias": t,
+    }
+    out = checkpoint_filter_fn(official)
+    assert out == {
+        "patch_embed.proj.0.weight": t, "patch_embed.proj.1.running_mean": t,
+        "patch_embed.proj.3.weight": t, "patch_embed.proj.4.num_batches_tracked": t,
+        "downsamples.2.reduction.weight": t, "downsamples.0.norm.bias": t,
+        "layers.2.blocks.3.attn.kv.weight": t, "layers.3.blocks.0.attn.relative_position_bias_table": t,
+        "norm.weight": t, "head.bias": t,
+    }
+    assert all(out[k] is v for k, v in out.items() if k in official)
+    own = STViTRSwin(num_classes=5, embed_dim=24, depths=(1, 1, 6, 1), num_heads=(1, 2, 3, 4)).state_dict()
+    assert checkpoint_filter_fn(own).keys() == own.keys()

@@ -1,13 +1,20 @@
-"""Building the backbone from ``cfg.model``: a timm model with pretrained weights, weights from a
-checkpoint file, or (for the quickstart) a fresh model whose weights run() trains first."""
+"""Building the model from ``cfg.model`` and ``cfg.method``: one sequence for every entry point.
+
+    build_model:  bare timm model (pretrained or random) -> resolve the schedule -> apply the method
+                  -> load the checkpoint into the patched model (so a method's modules, e.g.
+                  DynamicViT's ``score_predictor.*``, load with it or start fresh)
+
+``create_backbone`` is the first step alone (the bare model, optionally with a backbone checkpoint).
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import timm
 import torch.nn as nn
 
-from .weights import WeightsError, load_weights, read_checkpoint
+from .weights import WeightsError, load_weights, method_owners, read_checkpoint
 
 
 class BackboneError(ValueError):
@@ -68,12 +75,26 @@ def _fit_head(model: nn.Module, sd: dict, drop_head: bool, path: str) -> dict:
     return sd
 
 
+def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike], drop_head: bool = False,
+                    ema: bool = False, fresh_modules: bool = False, drop_method_modules: bool = False) -> nn.Module:
+    """Read `checkpoint` (its EMA weights when `ema`), fit the classifier head (`drop_head`: a fresh
+    head for another class count) and load it strictly with :func:`load_weights`.
+    `drop_method_modules`: leave out the modules of any reduction method (the backbone alone, e.g. the
+    unreduced reference model of a benchmark)."""
+    sd = read_checkpoint(checkpoint, ema=ema)
+    if drop_method_modules:
+        sd = {k: v for k, v in sd.items() if not method_owners(k.split(".", 1)[0])}
+    sd = _fit_head(model, sd, drop_head, str(checkpoint))
+    return load_weights(model, sd, fresh_modules=fresh_modules, source=str(checkpoint))
+
+
 def create_backbone(cfg: Mapping[str, Any], checkpoint: Optional[str] = None) -> nn.Module:
-    """The model of ``cfg.model`` with its weights.
+    """The bare (unpatched) model of ``cfg.model`` with its weights.
 
     Weights come from, in order: `checkpoint` / ``cfg.checkpoint`` (official DeiT, plain, safetensors or
-    this project's Lightning checkpoints, via :func:`load_weights`); timm's pretrained path when
-    ``cfg.pretrained``; otherwise timm's random initialisation.
+    this project's Lightning checkpoints, via :func:`load_weights`; a checkpoint holding a reduction
+    method's modules needs :func:`build_model`, which applies the method first); timm's pretrained path
+    when ``cfg.pretrained``; otherwise timm's random initialisation.
     """
     name = cfg["name"]
     kwargs = _timm_kwargs(cfg)
@@ -84,9 +105,7 @@ def create_backbone(cfg: Mapping[str, Any], checkpoint: Optional[str] = None) ->
     _check_sizes(model, cfg)
     checkpoint = checkpoint or cfg.get("checkpoint")
     if checkpoint:
-        sd = read_checkpoint(checkpoint)
-        sd = _fit_head(model, sd, bool(cfg.get("drop_head", False)), str(checkpoint))
-        return load_weights(model, sd)
+        return load_checkpoint(model, checkpoint, bool(cfg.get("drop_head", False)), bool(cfg.get("checkpoint_ema", False)))
     if cfg.get("pretrained", False):
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
@@ -95,4 +114,67 @@ def create_backbone(cfg: Mapping[str, Any], checkpoint: Optional[str] = None) ->
     return model
 
 
-__all__ = ["BackboneError", "WeightsError", "create_backbone"]
+def is_patchable(model: nn.Module) -> bool:
+    """Token reduction patches timm VisionTransformers; other models (e.g. STViT-R-Swin) run as they are."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def apply_method(model: nn.Module, method: str, params: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """apply_reduction for timm ViTs; other models only with method none (left unpatched)."""
+    from .reduction import ReductionConfigError, apply_reduction
+
+    if is_patchable(model):
+        return apply_reduction(model, method, **dict(params or {}))
+    if method != "none":
+        raise ReductionConfigError(
+            f"method '{method}' patches timm VisionTransformer models; {type(model).__name__} can only be "
+            "used with method=none"
+        )
+    return model
+
+
+def build_model(model_cfg: Mapping[str, Any], method: str = "none", params: Optional[Mapping[str, Any]] = None,
+                schedule: Optional[Mapping[str, Any]] = None, checkpoint: Optional[str] = None,
+                ema: Optional[bool] = None, weights: bool = True,
+                drop_method_modules: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model every entry point uses, and the method parameters it was built with.
+
+    1. the bare model of `model_cfg` (timm pretrained when ``pretrained`` and there is no checkpoint,
+       else random);
+    2. `params` with `schedule` resolved (counts / keep rates / a GMACs budget);
+    3. `method` applied (its modules attached);
+    4. `checkpoint` (default ``model_cfg.checkpoint``; its EMA weights when `ema`, default
+       ``model_cfg.checkpoint_ema``) loaded into the patched model: backbone keys strictly, the chosen
+       method's modules loaded or, when the checkpoint has none of them, freshly initialised (logged);
+       another method's modules are an error naming both methods.
+
+    `weights=False` builds the same model without any weights (config checks: nothing is read or
+    downloaded). `drop_method_modules`: load only the checkpoint's backbone, leaving out every method's
+    modules (the unreduced reference model of a benchmark built from a method's checkpoint).
+    """
+    from .reduction.schedules import resolve_params
+
+    ckpt = checkpoint if checkpoint is not None else model_cfg.get("checkpoint")
+    ema = bool(model_cfg.get("checkpoint_ema", False)) if ema is None else bool(ema)
+    if ema and not (ckpt or model_cfg.get("checkpoint")):
+        raise BackboneError(
+            "model.checkpoint_ema=true asks for the EMA weights of model.checkpoint, but model.checkpoint is not "
+            "set; give model.checkpoint=PATH or drop model.checkpoint_ema"
+        )
+    bare = dict(model_cfg, checkpoint=None)
+    bare["pretrained"] = bool(model_cfg.get("pretrained", False)) and weights and not ckpt
+    model = create_backbone(bare)
+    params = dict(params or {})
+    if is_patchable(model):
+        params = resolve_params(model, method, params, dict(schedule) if schedule else None)
+    model = apply_method(model, method, params)
+    if weights and ckpt:
+        load_checkpoint(model, ckpt, bool(model_cfg.get("drop_head", False)), ema, fresh_modules=True,
+                        drop_method_modules=drop_method_modules)
+    return model, params
+
+
+__all__ = ["BackboneError", "WeightsError", "apply_method", "build_model", "create_backbone", "is_patchable",
+           "load_checkpoint"]

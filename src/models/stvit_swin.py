@@ -22,9 +22,20 @@ the released config in ``log/small.txt``), written on timm's Swin blocks:
 
 The geometry of the generation block (10x10 windows at stride 4) is the reference's, which fixes
 stage 3 at 14x14, i.e. 224x224 inputs (the reference's patch embedding asserts that size too).
-timm's PatchMerging concatenates the 2x2 neighbours in another channel order than the reference
-(same parameters, a fixed permutation of the input rows of its linear layer); this only matters for
-loading reference checkpoints, which would need that permutation.
+timm's PatchMerging concatenates the 2x2 neighbours in the reference's channel order
+(``[x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]]``), so reference weights load with
+no permutation.
+
+Official checkpoints (``STViT-R-Swin-*.pth["model"]``) load through :func:`checkpoint_filter_fn`, a
+rename-only key mapping (no tensor is changed); ``load_weights`` calls it for this model:
+
+    patch_embed.proj.0.c.weight       -> patch_embed.proj.0.weight   (Conv 3 -> C/2)
+    patch_embed.proj.0.bn.*           -> patch_embed.proj.1.*        (BatchNorm)
+    patch_embed.proj.2.c.weight       -> patch_embed.proj.3.weight   (Conv C/2 -> C; index 2 is the Hardswish)
+    patch_embed.proj.2.bn.*           -> patch_embed.proj.4.*        (BatchNorm)
+    layers.{i}.downsample.{norm,reduction}.* -> downsamples.{i}.{norm,reduction}.*   (Patch Merging after stage i)
+    *.attn.relative_position_index, layers.*.blocks.*.attn_mask      dropped (recomputed buffers)
+    everything else (Swin and semantic blocks, norm, head)          unchanged
 
 Models: ``stvit_r_swin_tiny`` / ``_small`` / ``_base`` (registered with timm, so
 ``timm.create_model("stvit_r_swin_small", num_classes=..., drop_path_rate=...)`` works once this
@@ -32,6 +43,7 @@ module is imported). Trained from scratch (300 epochs in the paper); no pretrain
 """
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Sequence
 
 import torch
@@ -275,6 +287,32 @@ class STViTRSwin(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# Official STViT-R-Swin classification checkpoint names -> this project's (rename only, see the docstring).
+_OFFICIAL_RENAMES = (
+    (re.compile(r"^patch_embed\.proj\.0\.c\."), "patch_embed.proj.0."),
+    (re.compile(r"^patch_embed\.proj\.0\.bn\."), "patch_embed.proj.1."),
+    (re.compile(r"^patch_embed\.proj\.2\.c\."), "patch_embed.proj.3."),
+    (re.compile(r"^patch_embed\.proj\.2\.bn\."), "patch_embed.proj.4."),
+    (re.compile(r"^layers\.(\d+)\.downsample\."), r"downsamples.\1."),
+)
+_OFFICIAL_DROPPED = re.compile(r"(^|\.)attn\.relative_position_index$|^layers\.\d+\.blocks\.\d+\.attn_mask$")
+
+
+def checkpoint_filter_fn(state_dict, model=None):
+    """Official STViT-R-Swin classification keys -> this project's names (rename only, no tensor
+    changes; keys already in this project's layout pass unchanged). Called by ``load_weights``."""
+    out = {}
+    for key, value in state_dict.items():
+        if _OFFICIAL_DROPPED.search(key):
+            continue
+        for pattern, repl in _OFFICIAL_RENAMES:
+            key, n = pattern.subn(repl, key)
+            if n:
+                break
+        out[key] = value
+    return out
 
 
 def _create(pretrained: bool, **kwargs) -> STViTRSwin:

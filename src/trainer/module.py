@@ -4,14 +4,16 @@
          + distill.weight * distillation(student, teacher)      (none | soft | hard, as DeiT)
          + sum(student.reduction.losses(...))                   (already weighted by the method)
 
-The teacher is a deep copy of the student's weights taken *before* reduction, patched with method
-"none" (so it has ``forward_tokens`` too), always in eval mode, without gradients, outside the
-optimizer and outside checkpoints (its keys are dropped on save and refilled from the live teacher on
-load). Accuracies are logged in percent.
+The student arrives built (``src.models.backbone.build_model``: bare model -> method applied ->
+checkpoint loaded). The teacher is ``unreduced_copy(student)`` (the student's backbone weights without
+the reduction or the method's modules), patched with method "none" (so it has ``forward_tokens`` too),
+always in eval mode, without gradients, outside the optimizer and outside checkpoints (its keys are
+dropped on save and refilled from the live teacher on load). With ``ema.enabled`` the EMA weights are
+saved under the checkpoint's top-level ``state_dict_ema`` with plain student key names (timm's
+convention; ``model.checkpoint_ema=true`` loads them). Accuracies are logged in percent.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, List, Mapping, Optional
 
 import lightning as L
@@ -19,29 +21,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
-from timm.models.vision_transformer import VisionTransformer
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.models.reduction import ReductionConfigError, apply_reduction
+from src.models.backbone import apply_method, is_patchable
+from src.models.reduction import ReductionConfigError
+from src.models.reduction.base import unreduced_copy
 
 Tensor = torch.Tensor
 DISTILL_TYPES = ("none", "soft", "hard")
 
 
-def is_patchable(model: nn.Module) -> bool:
-    return isinstance(model, VisionTransformer)
+EMA_PREFIX = "ema.module."  # the EMA copy's keys inside the LightningModule's state dict
 
 
-def reduce_backbone(model: nn.Module, method: str, params: Mapping[str, Any]) -> nn.Module:
+def reduce_backbone(model: nn.Module, method: str, params: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """apply_reduction for timm ViTs; other backbones (e.g. STViT-Swin) only with method none."""
-    if is_patchable(model):
-        return apply_reduction(model, method, **dict(params))
-    if method != "none":
-        raise ReductionConfigError(
-            f"method '{method}' patches timm VisionTransformer models; {type(model).__name__} can only be "
-            "used with method=none"
-        )
-    return model
+    return apply_method(model, method, params)
 
 
 def distillation_loss(kind: str, student: Tensor, teacher: Tensor, tau: float) -> Tensor:
@@ -85,12 +80,14 @@ def freeze_parameters(model: nn.Module, names) -> None:
 class ReductionModule(L.LightningModule):
     """Student (backbone + reduction) and frozen teacher; see the module docstring for the loss.
 
-    `backbone` must carry its final weights already; the teacher is copied from it here.
-    `optim`, `distill`, `ema`, `mixup` are the config nodes of the same names (plain dicts).
-    `batch_size` is the per-device batch used for the learning-rate scaling.
+    `student`: the model with its method applied and its final weights loaded, as
+    ``build_model`` returns it; the teacher is its unreduced copy. `method` / `method_params`, when
+    given, apply a method to `student` here first (Python use, tests); an unpatched timm ViT gets
+    method none. `optim`, `distill`, `ema`, `mixup` are the config nodes of the same names (plain
+    dicts). `batch_size` is the per-device batch used for the learning-rate scaling.
     """
 
-    def __init__(self, backbone: nn.Module, method: str = "none", method_params: Optional[Mapping] = None,
+    def __init__(self, student: nn.Module, method: Optional[str] = None, method_params: Optional[Mapping] = None,
                  num_classes: int = 1000, optim: Optional[Mapping] = None, distill: Optional[Mapping] = None,
                  ema: Optional[Mapping] = None, mixup: Optional[Mapping] = None, batch_size: int = 64):
         super().__init__()
@@ -98,7 +95,10 @@ class ReductionModule(L.LightningModule):
         self.distill_cfg = dict(distill or {})
         self.mixup_cfg = dict(mixup or {})
         self.ema_cfg = dict(ema or {})
-        self.num_classes, self.batch_size, self.method = int(num_classes), int(batch_size), method
+        if method is not None or (is_patchable(student) and getattr(student, "reduction", None) is None):
+            student = apply_method(student, method or "none", method_params)
+        self.method = getattr(getattr(student, "reduction", None), "name", "none")
+        self.num_classes, self.batch_size = int(num_classes), int(batch_size)
         self.distill_type = self.distill_cfg.get("type", "none")
         if self.distill_type not in DISTILL_TYPES:
             raise ReductionConfigError(f"distill.type must be one of {DISTILL_TYPES}, got {self.distill_type!r}")
@@ -106,11 +106,10 @@ class ReductionModule(L.LightningModule):
         if self.distill_weight < 0:
             raise ReductionConfigError(f"distill.weight must be >= 0, got {self.distill_weight}")
 
-        teacher = copy.deepcopy(backbone)
-        self.student = reduce_backbone(backbone, method, method_params or {})
-        self.tokens_api = is_patchable(self.student)  # forward_tokens / forward_head available
+        self.student = student
+        self.tokens_api = is_patchable(self.student)  # forward_tokens / forward_head_state available
         freeze_parameters(self.student, self.optim_cfg.get("frozen_params") or [])
-        self.teacher = reduce_backbone(teacher, "none", {})
+        self.teacher = apply_method(unreduced_copy(student), "none")  # backbone weights, no method modules
         self.teacher.eval().requires_grad_(False)
         self.needs_teacher = (self.distill_type != "none" and self.distill_weight > 0) or bool(
             getattr(getattr(self.student, "reduction", None), "needs_teacher", False))
@@ -148,7 +147,7 @@ class ReductionModule(L.LightningModule):
         """(logits, state); state is None for backbones without forward_tokens."""
         if tokens_api:
             state = model.forward_tokens(x)
-            return model.forward_head(state.x), state
+            return model.forward_head_state(state), state
         return model(x), None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -295,16 +294,23 @@ class ReductionModule(L.LightningModule):
         self.lr_schedulers().step_update(num_updates=self.global_step)
         self.log("train/lr", opt.param_groups[-1]["lr"] if opt.param_groups else 0.0, on_step=False, on_epoch=True)
 
-    # --- checkpoints: the teacher is rebuilt from the config, never stored --------------------------
+    # --- checkpoints: the teacher is rebuilt from the config, never stored; EMA apart ----------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         sd = checkpoint.get("state_dict", {})
         for k in [k for k in sd if k.startswith("teacher.")]:
             del sd[k]
+        ema = [k for k in sd if k.startswith(EMA_PREFIX)]
+        if ema:  # timm's convention: top-level state_dict_ema with the student's plain key names
+            checkpoint["state_dict_ema"] = {k[len(EMA_PREFIX):]: sd.pop(k) for k in ema}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         sd = checkpoint.setdefault("state_dict", {})
         for k, v in self.teacher.state_dict().items():
             sd.setdefault(f"teacher.{k}", v)
+        if self.ema is not None:  # resume: the saved EMA weights, else (trained without EMA) the live copy
+            saved = checkpoint.get("state_dict_ema") or {}
+            for k, v in self.ema.module.state_dict().items():
+                sd.setdefault(f"{EMA_PREFIX}{k}", saved.get(k, v))
 
 
 __all__ = ["ReductionModule", "distillation_loss", "freeze_parameters", "reduce_backbone", "soft_targets", "is_patchable"]

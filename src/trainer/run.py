@@ -22,15 +22,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data import DataError
-from src.models.backbone import BackboneError, create_backbone
+from src.models.backbone import BackboneError, build_model
 from src.models.profile import count_gmacs, count_gmacs_split, count_params, measure_throughput
 from src.models.reduction import ReductionConfigError
-from src.models.reduction.schedules import resolve_params
 from src.models.weights import WeightsError
 
 from .callbacks import finish_wandb, prepare_wandb, token_images_callback
+from .config_check import check_values
 from .distributed import is_global_zero, unpadded_validation
-from .module import DISTILL_TYPES, ReductionModule, freeze_parameters, is_patchable, reduce_backbone
+from .module import ReductionModule, freeze_parameters
 
 log = logging.getLogger(__name__)
 
@@ -55,33 +55,21 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return dm
 
 
-def method_params(cfg: DictConfig, model: torch.nn.Module) -> Dict[str, Any]:
-    """`cfg.method.params` with the schedule (if any) resolved into apply_reduction kwargs."""
-    params = plain(cfg.method.get("params")) or {}
-    schedule = plain(cfg.get("schedule"))
-    if not is_patchable(model):
-        return params
-    return resolve_params(model, cfg.method.name, params, schedule)
-
-
 def check_config(cfg: DictConfig) -> None:
     """Build the model without weights and apply the method to it, so bad sizes or method
     parameters fail here, before weights are downloaded or a quickstart teacher is trained."""
-    model_cfg = plain(cfg.model)
-    model_cfg.update(pretrained=False, checkpoint=None)
-    skeleton = create_backbone(model_cfg)
-    skeleton = reduce_backbone(skeleton, cfg.method.name, method_params(cfg, skeleton))
+    skeleton, _ = build_model(plain(cfg.model), cfg.method.name, plain(cfg.method.get("params")),
+                              plain(cfg.get("schedule")), weights=False)
     freeze_parameters(skeleton, (plain(cfg.get("optim")) or {}).get("frozen_params") or [])
-    distill = plain(cfg.get("distill")) or {}
-    if distill.get("type", "none") not in DISTILL_TYPES:
-        raise ReductionConfigError(f"distill.type must be one of {DISTILL_TYPES}, got {distill.get('type')!r}")
 
 
 def build_module(cfg: DictConfig, checkpoint: Optional[str] = None) -> ReductionModule:
-    backbone = create_backbone(OmegaConf.to_container(cfg.model, resolve=True), checkpoint=checkpoint)
-    params = method_params(cfg, backbone)
+    """The LightningModule of `cfg`: the student from build_model (bare model -> method -> weights of
+    `checkpoint` or model.checkpoint), the teacher its unreduced copy."""
+    student, _ = build_model(plain(cfg.model), cfg.method.name, plain(cfg.method.get("params")),
+                             plain(cfg.get("schedule")), checkpoint=checkpoint)
     return ReductionModule(
-        backbone, method=cfg.method.name, method_params=params, num_classes=int(cfg.model.num_classes),
+        student, num_classes=int(cfg.model.num_classes),
         optim=plain(cfg.get("optim")), distill=plain(cfg.get("distill")), ema=plain(cfg.get("ema")),
         mixup=plain(cfg.data.get("mixup")), batch_size=int(cfg.data.batch_size),
     )
@@ -149,7 +137,8 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
                  if k not in ("num_workers", "eval_batch_size")},
         "seed": cfg.seed,
     }
-    keyed["model"].pop("checkpoint", None)
+    for key in ("checkpoint", "checkpoint_ema"):  # how a run loads weights does not change the teacher
+        keyed["model"].pop(key, None)
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(cfg.paths.cache_dir) / "teachers" / f"{cfg.model.name}-{digest}.safetensors"
 
@@ -202,7 +191,7 @@ def bootstrap_teacher(cfg: DictConfig) -> str:
 # --- run -------------------------------------------------------------------------------------------
 def _weights_source(cfg: DictConfig) -> Optional[str]:
     if cfg.model.get("checkpoint"):
-        return None  # create_backbone reads it
+        return None  # build_model reads it (after applying the method)
     boot = cfg.model.get("bootstrap") or {}
     if boot.get("enabled", False):
         return bootstrap_teacher(cfg)
@@ -266,6 +255,7 @@ def _log_through_root_only() -> None:
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Train (or with train=false only evaluate) as configured; returns the summary dict."""
+    check_values(cfg)  # every value's type / range / choices first (one line, exit code 2)
     _log_through_root_only()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
