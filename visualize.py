@@ -17,6 +17,7 @@ import sys
 
 from src.bench import build_reduced, compose_config
 from src.models.visualize import visualize_tokens
+from src.trainer.config_check import check_values
 
 
 def _image_tensor(cfg, path):
@@ -33,12 +34,19 @@ def _image_tensor(cfg, path):
             img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
         return img, (DIGITS_MEAN,), (DIGITS_STD,)
     from PIL import Image
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
-    data_cfg = resolve_data_config({"input_size": (int(cfg.model.in_chans), int(cfg.model.img_size), int(cfg.model.img_size))})
-    mode = "L" if int(cfg.model.in_chans) == 1 else "RGB"
-    img = create_transform(**data_cfg)(Image.open(path).convert(mode))
-    return img, data_cfg["mean"], data_cfg["std"]
+    from src.data.digits import DIGITS_MEAN, DIGITS_STD
+    from src.data.folder import model_preprocessing
+
+    # the model's own evaluation preprocessing (its data_config, else timm's pretrained config)
+    pre = model_preprocessing(cfg.model.name, cfg.model.get("data_config"))
+    grey = int(cfg.model.in_chans) == 1  # the grey models here are the embedded digits' models
+    mean, std = ((DIGITS_MEAN,), (DIGITS_STD,)) if grey else (pre["mean"], pre["std"])
+    transform = create_transform(int(cfg.model.img_size), is_training=False, crop_pct=pre["crop_pct"],
+                                 interpolation=pre["interpolation"], mean=mean, std=std)
+    img = transform(Image.open(path).convert("L" if grey else "RGB"))
+    return img, mean, std
 
 
 def main(argv):
@@ -51,16 +59,17 @@ def main(argv):
             out = arg.split("=", 1)[1]
         else:
             overrides.append(arg)
-    cfg = compose_config(overrides)
     try:
-        model, params = build_reduced(cfg, pretrained=True)
-    except Exception as err:  # missing weights / bad params: one clear message
+        cfg = compose_config(overrides)
+        check_values(cfg, environment=False)
+        model, _ = build_reduced(cfg, pretrained=True)
+    except Exception as err:  # bad overrides or values, missing weights, bad params: one clear message
         print(f"visualize.py: {err}", file=sys.stderr)
         return 2
     img, mean, std = _image_tensor(cfg, image)
     out = out or f"tokens_{cfg.method.name}.png"
     visualize_tokens(model, img, mean=mean, std=std, path=out)
-    print(f"wrote {out} ({cfg.method.name} {params})")
+    print(f"wrote {out} ({cfg.method.name}: {model.reduction!r})")
     return 0
 
 
