@@ -243,8 +243,7 @@ def test_official_stvit_r_swin_golden_weights_reproduce_the_reference_logits():
     from tests import golden
 
     root = golden.SHARED / "golden" / "stvit_r"
-    if not (root / "golden_io.py").is_file():
-        pytest.skip(f"STViT-R golden files not found at {root}")
+    golden.require_shared(root / "golden_io.py", "STViT-R golden files")
     sys.path.insert(0, str(root))
     try:
         import golden_io
