@@ -113,3 +113,23 @@ def test_official_key_names_map_by_renaming_only():
     assert all(out[k] is v for k, v in out.items() if k in official)
     own = STViTRSwin(num_classes=5, embed_dim=24, depths=(1, 1, 6, 1), num_heads=(1, 2, 3, 4)).state_dict()
     assert checkpoint_filter_fn(own).keys() == own.keys()
+
+
+def test_model_names_and_aliases():
+    """stvit_swin_{t,s,b} (the golden set's names) and stvit_r_swin_{tiny,small,base} build the same
+    classifier; features_only=True builds the detection backbone (tests/test_stvit_swin_det.py)."""
+    from src.models.stvit_swin_det import STViTRSwinDet
+
+    for short, long in (("t", "tiny"), ("s", "small"), ("b", "base")):
+        a = timm.create_model(f"stvit_swin_{short}", num_classes=3, embed_dim=24, num_heads=(1, 2, 3, 4))
+        b = timm.create_model(f"stvit_r_swin_{long}", num_classes=3, embed_dim=24, num_heads=(1, 2, 3, 4))
+        assert type(a) is type(b) is STViTRSwin
+        assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    det = timm.create_model("stvit_swin_t", features_only=True)
+    assert isinstance(det, STViTRSwinDet)
+    # the same parameters as the classifier, minus norm and head, plus norm0..3 (methods note, section 3)
+    cls = timm.create_model("stvit_swin_t")
+    assert count_params(cls) == 28_320_214 and count_params(det) == 27_552_558
+    own, other = set(det.state_dict()), set(cls.state_dict())
+    assert other - own == {"norm.weight", "norm.bias", "head.weight", "head.bias"}
+    assert own - other == {f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}

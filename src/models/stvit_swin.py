@@ -26,8 +26,9 @@ timm's PatchMerging concatenates the 2x2 neighbours in the reference's channel o
 (``[x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]]``), so reference weights load with
 no permutation.
 
-Official checkpoints (``STViT-R-Swin-*.pth["model"]``) load through :func:`checkpoint_filter_fn`, a
-rename-only key mapping (no tensor is changed); ``load_weights`` calls it for this model:
+Official checkpoints load through :func:`checkpoint_filter_fn`, a rename-only key mapping (no
+tensor is changed); ``load_weights`` calls it for this model and for the detection backbone. The
+classification layout (``STViT-R-Swin-*.pth["model"]``):
 
     patch_embed.proj.0.c.weight       -> patch_embed.proj.0.weight   (Conv 3 -> C/2)
     patch_embed.proj.0.bn.*           -> patch_embed.proj.1.*        (BatchNorm)
@@ -37,12 +38,19 @@ rename-only key mapping (no tensor is changed); ``load_weights`` calls it for th
     *.attn.relative_position_index, layers.*.blocks.*.attn_mask      dropped (recomputed buffers)
     everything else (Swin and semantic blocks, norm, head)          unchanged
 
-Models: ``stvit_r_swin_tiny`` / ``_small`` / ``_base`` (registered with timm, so
-``timm.create_model("stvit_r_swin_small", num_classes=..., drop_path_rate=...)`` works once this
-module is imported). Trained from scratch (300 epochs in the paper); no pretrained weights here.
+The detection layout (changsn/STViT-R-Object-Detection, an mmdet ``state_dict``) is the same with the
+prefix ``backbone.`` (stripped; ``neck.*`` / ``*_head.*`` ignored), without ``norm``, ``head`` and
+``attn_mask``, plus the output norms ``norm0..3`` (kept as they are).
+
+Models: ``stvit_swin_t`` / ``_s`` / ``_b`` (aliases ``stvit_r_swin_tiny`` / ``_small`` / ``_base``),
+registered with timm, so ``timm.create_model("stvit_swin_s", num_classes=..., drop_path_rate=...)``
+works once this module is imported. With ``features_only=True`` the same names build the detection
+backbone of ``stvit_swin_det.py`` (detection geometry, any input size, four NCHW maps). Trained from
+scratch (300 epochs in the paper); no pretrained weights here.
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import List, Optional, Sequence
 
@@ -54,6 +62,7 @@ from timm.models import register_model
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 PERIOD = 6  # blocks per repeat of the semantic pattern in stage 3
 
@@ -289,7 +298,7 @@ class STViTRSwin(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# Official STViT-R-Swin classification checkpoint names -> this project's (rename only, see the docstring).
+# Official STViT-R-Swin checkpoint names -> this project's (rename only, see the docstring).
 _OFFICIAL_RENAMES = (
     (re.compile(r"^patch_embed\.proj\.0\.c\."), "patch_embed.proj.0."),
     (re.compile(r"^patch_embed\.proj\.0\.bn\."), "patch_embed.proj.1."),
@@ -298,11 +307,22 @@ _OFFICIAL_RENAMES = (
     (re.compile(r"^layers\.(\d+)\.downsample\."), r"downsamples.\1."),
 )
 _OFFICIAL_DROPPED = re.compile(r"(^|\.)attn\.relative_position_index$|^layers\.\d+\.blocks\.\d+\.attn_mask$")
+_MMDET_BACKBONE = "backbone."            # an mmdet detector's backbone entries (neck.*, rpn_head.*, roi_head.* ignored)
+_OUT_NORM = re.compile(r"^norm(\d+)\.")  # the detection backbone's output norms norm0..3
+_CLASSIFIER_ONLY = re.compile(r"^(norm|head)\.")
 
 
 def checkpoint_filter_fn(state_dict, model=None):
-    """Official STViT-R-Swin classification keys -> this project's names (rename only, no tensor
-    changes; keys already in this project's layout pass unchanged). Called by ``load_weights``."""
+    """Official STViT-R-Swin keys -> this project's names (rename only, no tensor changes; keys already
+    in this project's layout pass unchanged). Called by ``load_weights``.
+
+    Accepts the classification layout (``STViT-R-Swin-*.pth["model"]``) and the detection layout (the
+    ``backbone.*`` entries of an mmdet ``state_dict``; ``neck.*`` and the heads are ignored). Into a
+    detection backbone (``features_only=True``, `model` given) a classification checkpoint loads as
+    the reference initialises its detector: ``norm`` and ``head`` dropped, ``norm0..3`` set to (1, 0);
+    entries of stages or output norms that the model was built without (``out_indices``) are dropped."""
+    if any(k.startswith(_MMDET_BACKBONE) for k in state_dict):
+        state_dict = {k[len(_MMDET_BACKBONE):]: v for k, v in state_dict.items() if k.startswith(_MMDET_BACKBONE)}
     out = {}
     for key, value in state_dict.items():
         if _OFFICIAL_DROPPED.search(key):
@@ -312,10 +332,48 @@ def checkpoint_filter_fn(state_dict, model=None):
             if n:
                 break
         out[key] = value
+    if model is not None:
+        from .stvit_swin_det import STViTRSwinDet
+
+        if isinstance(model, STViTRSwinDet):
+            out = _to_detection_backbone(out, model)
     return out
 
 
-def _create(pretrained: bool, **kwargs) -> STViTRSwin:
+def _to_detection_backbone(sd, model):
+    """A renamed state dict -> the keys of the detection backbone `model` (see checkpoint_filter_fn)."""
+    if not any(_OUT_NORM.match(k) for k in sd) and any(_CLASSIFIER_ONLY.match(k) for k in sd):
+        sd = {k: v for k, v in sd.items() if not _CLASSIFIER_ONLY.match(k)}
+        for i in model.out_indices:
+            norm = getattr(model, f"norm{i}")
+            sd[f"norm{i}.weight"] = torch.ones(norm.weight.shape)
+            sd[f"norm{i}.bias"] = torch.zeros(norm.bias.shape)
+        log.info("classification checkpoint into the detection backbone: norm/head dropped, norm%s start at (1, 0)",
+                 "/".join(str(i) for i in model.out_indices))
+    built = len(model.layers)
+    merging = sum(isinstance(d, PatchMerging) for d in model.downsamples)
+
+    def kept(key: str) -> bool:
+        found = re.match(r"^(layers|downsamples)\.(\d+)\.", key)
+        if found:
+            return int(found.group(2)) < (built if found.group(1) == "layers" else merging)
+        found = _OUT_NORM.match(key)
+        return found is None or int(found.group(1)) in model.out_indices
+
+    return {k: v for k, v in sd.items() if kept(k)}
+
+
+_VARIANTS = {
+    "t": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "s": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "b": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+}
+# drop path of the released detection configs (configs/swin/*3x_coco.py; T as the base file)
+_DET_DROP_PATH = {"t": 0.2, "s": 0.2, "b": 0.3}
+
+
+def _create(variant: str, pretrained: bool, **kwargs) -> nn.Module:
+    """The classifier, or with ``features_only=True`` the detection backbone (stvit_swin_det.py)."""
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory bookkeeping
         kwargs.pop(key, None)
     if pretrained:
@@ -323,22 +381,47 @@ def _create(pretrained: bool, **kwargs) -> STViTRSwin:
             "no pretrained STViT-R-Swin weights are bundled (the model is trained from scratch); "
             "use pretrained=false, or load the csncsn/STViT-R checkpoint with model.checkpoint=PATH"
         )
+    kwargs = dict(_VARIANTS[variant], **kwargs)
+    if kwargs.pop("features_only", False):
+        from .stvit_swin_det import STViTRSwinDet
+
+        kwargs.setdefault("drop_path_rate", _DET_DROP_PATH[variant])
+        return STViTRSwinDet(**kwargs)
+    kwargs.pop("out_indices", None)  # only meaningful with features_only, as in timm
     return STViTRSwin(**kwargs)
 
 
 @register_model
-def stvit_r_swin_tiny(pretrained: bool = False, **kwargs) -> STViTRSwin:
-    """Swin-T layout (depths 2-2-6-2): one period of the semantic pattern in stage 3."""
-    return _create(pretrained, **dict(dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)), **kwargs))
+def stvit_swin_t(pretrained: bool = False, **kwargs) -> nn.Module:
+    """Swin-T layout (depths 2-2-6-2): one period of the semantic pattern in stage 3 (no released weights)."""
+    return _create("t", pretrained, **kwargs)
 
 
 @register_model
-def stvit_r_swin_small(pretrained: bool = False, **kwargs) -> STViTRSwin:
-    """The released STViT-R-Swin-S (49.6M params, 5.83 GFLOPs fvcore, 82.65% from scratch)."""
-    return _create(pretrained, **dict(dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)), **kwargs))
+def stvit_swin_s(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The released STViT-R-Swin-S (49.6M params, 5.83 GFLOPs fvcore, 82.65% from scratch; COCO 51.8 box AP)."""
+    return _create("s", pretrained, **kwargs)
 
 
 @register_model
-def stvit_r_swin_base(pretrained: bool = False, **kwargs) -> STViTRSwin:
-    """The released STViT-R-Swin-B (87.8M params, 10.26 GFLOPs fvcore, 83.21% from scratch)."""
-    return _create(pretrained, **dict(dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)), **kwargs))
+def stvit_swin_b(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The released STViT-R-Swin-B (87.8M params, 10.26 GFLOPs fvcore, 83.21% from scratch; COCO 52.2 box AP)."""
+    return _create("b", pretrained, **kwargs)
+
+
+@register_model
+def stvit_r_swin_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
+    """Alias of ``stvit_swin_t``."""
+    return _create("t", pretrained, **kwargs)
+
+
+@register_model
+def stvit_r_swin_small(pretrained: bool = False, **kwargs) -> nn.Module:
+    """Alias of ``stvit_swin_s``."""
+    return _create("s", pretrained, **kwargs)
+
+
+@register_model
+def stvit_r_swin_base(pretrained: bool = False, **kwargs) -> nn.Module:
+    """Alias of ``stvit_swin_b``."""
+    return _create("b", pretrained, **kwargs)
