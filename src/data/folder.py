@@ -11,14 +11,32 @@ Preprocessing (mean, std, interpolation, crop_pct) that the data config leaves u
 from the model: its config's ``data_config`` (e.g. DeiT's own crop_pct 0.875: resize 256, crop 224),
 else timm's pretrained config of ``model_name`` (``resolve_data_config``: CLIP's mean/std, AugReg's
 0.5/0.5, DINOv2's crop 1.0 ...), else ImageNet's mean/std, bicubic, 0.875.
+
+The training loader of every data module here is `resumable_loader` (below): a torchdata
+`StatefulDataLoader` over a `ResumableSampler`, whose position Lightning saves in every checkpoint and
+restores on resume. The shuffle order of an epoch is a function of (seed, epoch) alone, sharded over the
+ranks like `DistributedSampler`, and every training image's augmentation draws come from its own seed
+(seed, epoch, index): the rest of an interrupted epoch is the same images with the same augmentations,
+whatever the number of DataLoader workers (`SeededItems` seeds python's `random`, numpy and torch for
+each image, the way timm's transforms draw).
 """
 from __future__ import annotations
 
+import logging
+import math
+import os
+import random
+import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import lightning as L
-from torch.utils.data import DataLoader
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -34,6 +52,186 @@ def check_image_folder(path: Path) -> int:
     if not classes:
         raise DataError(f"{path} has no class sub-folders; ImageFolder expects {path}/<class>/<image>")
     return len(classes)
+
+
+# --- the resumable training loader (every data module's) -------------------------------------------
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit value of `x`."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a fixed function of the integers `parts` (e.g. seed, epoch, index)."""
+    h = 0
+    for p in parts:
+        h = _mix64(h ^ (int(p) & _MASK64))
+    return h >> 1
+
+
+def seed_global_rngs(seed: int, cuda: bool = False) -> None:
+    """Seed python's `random`, numpy's global RNG and torch's CPU generator (and every CUDA device's,
+    with `cuda`) from one 63-bit seed."""
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF])
+    if cuda:
+        torch.manual_seed(seed)  # CPU and every CUDA device
+    else:
+        torch.random.default_generator.manual_seed(seed)
+
+
+def data_seed(seed: Optional[int] = None) -> int:
+    """The data order's seed: `seed`, else the run's (`PL_GLOBAL_SEED`, set by seed_everything), else a
+    fresh random one in a single process (a resume restores it from the checkpoint) and 0 under DDP,
+    where every rank must agree (Lightning's own DistributedSampler does the same)."""
+    if seed is not None:
+        return int(seed)
+    if os.environ.get("PL_GLOBAL_SEED") not in (None, ""):
+        return int(os.environ["PL_GLOBAL_SEED"])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return 0
+    return int.from_bytes(os.urandom(4), "little")
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled training order that can resume mid-epoch, the same on one process and under DDP.
+
+    Epoch e is `torch.randperm(len(dataset))` of a generator seeded with seed + e, padded to a multiple
+    of the world size and dealt round-robin to the ranks, exactly as `DistributedSampler(shuffle=True,
+    drop_last=False)` (it is one, so Lightning keeps it under DDP instead of injecting its own). Each
+    element is `(index, item seed)`, the item seed `derive_seed(seed, epoch, index)`, so the dataset
+    can draw that image's augmentation from its own seed (`SeededItems`, `DigitsDataset`).
+
+    `state_dict()`: seed, epoch, world size and how many positions of the epoch's order all ranks have
+    consumed; `load_state_dict()` makes the next iterator start there (for another world size too:
+    positions count over all ranks, so every remaining image of the epoch is still seen once). An
+    iterator takes its epoch when it yields its first element, so the `set_epoch` that Lightning calls
+    after creating the resumed iterator still decides the epoch.
+    """
+
+    def __init__(self, dataset, seed: Optional[int] = None, num_replicas: Optional[int] = None,
+                 rank: Optional[int] = None, item_seeds: bool = True):
+        if num_replicas is None or rank is None:
+            running = dist.is_available() and dist.is_initialized()
+            num_replicas = dist.get_world_size() if running else 1
+            rank = dist.get_rank() if running else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=data_seed(seed),
+                         drop_last=False)
+        self.item_seeds = bool(item_seeds)
+        self._resume_epoch: Optional[int] = None  # the restored position, for the next iterator
+        self._resume_consumed = 0
+        self._epoch_of_position = 0  # the live iterator's epoch and consumed positions (all ranks)
+        self._consumed = 0
+
+    def order(self, epoch: int) -> List[int]:
+        """The padded order of `epoch` (all ranks), as DistributedSampler builds it."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + int(epoch))
+        indices = torch.randperm(len(self.dataset), generator=g).tolist()
+        pad = self.total_size - len(indices)
+        if pad > 0:
+            indices += (indices * math.ceil(pad / len(indices)))[:pad]
+        return indices
+
+    def __iter__(self) -> Iterator:
+        return _ResumableIterator(self)
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"seed": self.seed, "epoch": self._epoch_of_position, "consumed": self._consumed,
+                "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._resume_epoch, self._resume_consumed = self.epoch, int(state["consumed"])
+        self._epoch_of_position, self._consumed = self.epoch, self._resume_consumed
+        if int(state.get("num_replicas", self.num_replicas)) != self.num_replicas:
+            log.warning("Resuming the training data order saved with %s ranks on %s ranks: every remaining image of "
+                        "the epoch is still seen once, but the batches differ from the uninterrupted run's",
+                        state.get("num_replicas"), self.num_replicas)
+
+
+class _ResumableIterator:
+    def __init__(self, sampler: ResumableSampler):
+        self.sampler = sampler
+        self.mine: Optional[List[int]] = None
+
+    def __iter__(self):
+        return self
+
+    def _start(self) -> None:
+        s = self.sampler
+        epoch = s.epoch
+        start = s._resume_consumed if s._resume_epoch == epoch else 0
+        s._resume_epoch, s._resume_consumed = None, 0
+        s._epoch_of_position, s._consumed = epoch, start
+        self.epoch = epoch
+        self.mine = s.order(epoch)[start + s.rank:s.total_size:s.num_replicas]
+        self.pos = 0
+
+    def __next__(self):
+        if self.mine is None:
+            self._start()
+        if self.pos >= len(self.mine):
+            raise StopIteration
+        s = self.sampler
+        index = self.mine[self.pos]
+        self.pos += 1
+        s._consumed += s.num_replicas
+        return (index, derive_seed(s.seed, self.epoch, index)) if s.item_seeds else index
+
+
+class SeededItems(Dataset):
+    """`dataset` whose item `(index, seed)` is drawn with python's `random`, numpy and torch seeded from
+    `seed` (timm / torchvision transforms draw from those global RNGs), so an image's augmentation does
+    not depend on which worker loads it or what it loaded before. In the main process (num_workers=0)
+    the global RNG states are put back after each batch; a plain index is passed through unchanged."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _item(self, key):
+        if isinstance(key, tuple):
+            index, seed = key
+            seed_global_rngs(int(seed))
+            return self.dataset[index]
+        return self.dataset[key]
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys) -> list:
+        if torch.utils.data.get_worker_info() is not None:  # a worker's RNGs serve only its loading
+            return [self._item(k) for k in keys]
+        saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        try:
+            return [self._item(k) for k in keys]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.random.set_rng_state(saved[2])
+
+
+def resumable_loader(dataset, batch_size: int, num_workers: int = 0, seed: Optional[int] = None,
+                     pin_memory: bool = False, persistent_workers: bool = False):
+    """The training DataLoader: a torchdata `StatefulDataLoader` (Lightning saves its `state_dict()` in
+    every checkpoint and loads it on resume) over a `ResumableSampler`, full batches only (timm Mixup
+    needs even batches; equal steps keep the lr schedule exact). `dataset` takes `(index, seed)` items."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    workers = int(num_workers)
+    with warnings.catch_warnings():  # torchdata 0.11 calls torch's deprecated set_vital on construction
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, seed=seed),
+                                  drop_last=True, num_workers=workers, pin_memory=pin_memory,
+                                  persistent_workers=bool(persistent_workers) and workers > 0)
 
 
 IMAGENET_PREPROCESSING = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -120,9 +318,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = ImageFolder(str(root / self.train_dir), transform=self.transforms(True))
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=True, persistent_workers=self.num_workers > 0)
+    def train_dataloader(self):
+        """Resumable (see `resumable_loader`): each image's transform draws from its own seed."""
+        return resumable_loader(SeededItems(self.train_set), self.batch_size, num_workers=self.num_workers,
+                                pin_memory=True, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False,
