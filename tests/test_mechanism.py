@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from src.models import ReductionConfigError, apply_reduction, remove_reduction
+from src.models import REGISTRY, ReductionConfigError, apply_reduction, remove_reduction
 from src.models.profile import count_gmacs, count_gmacs_split, side_work
 from src.models.reduction.base import AttentionRequest, attention
 
@@ -108,7 +108,7 @@ def test_side_work_is_counted_apart():
         assert torch.equal(torch.ones(2) @ torch.ones(2), torch.tensor(2.0))
 
 
-@pytest.mark.parametrize("method", ["tome", "evit", "gtp", "dynamicvit", "bat", "mstm", "stvit"])
+@pytest.mark.parametrize("method", sorted(m for m in REGISTRY if m != "none"))
 def test_unknown_parameter_is_a_config_error(deit_tiny, method):
     with pytest.raises(ReductionConfigError, match=f"method '{method}' does not take \\['bogus'\\]"):
         apply_reduction(deit_tiny, method, bogus=1)

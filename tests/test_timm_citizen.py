@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.models import ReductionConfigError, apply_reduction
+from src.models import REGISTRY, ReductionConfigError, apply_reduction
 from src.models.reduction.base import unreduced_copy
 from tests.tiny import images, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # every method with settings that reduce on the tiny ViT (64 px, patch 8: 64 patches, 4 blocks)
-METHODS = {
-    "none": {},
+SETTINGS = {
     "tome": dict(r=4),
     "evit": dict(keep_rate=0.5),
     "gtp": dict(r=4, num_neighbours=4),
@@ -29,7 +28,11 @@ METHODS = {
     "bat": dict(keep_rate=0.5),
     "mstm": dict(keep_rate=0.5),
     "stvit": dict(block=1, pool_size=2, recover=True),
+    "mctf": dict(r=6),
+    "ppt": dict(r=10),
+    "diffrate": dict(prune_kept_num=[60, 50, 40, 30], merge_kept_num=[56, 44, 36, 24]),
 }
+METHODS = {m: SETTINGS.get(m, {}) for m in sorted(REGISTRY)}  # a new method joins with its defaults
 REDUCING = [m for m in METHODS if m != "none"]
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop
+
+from .compile import eager
 
 _aten = torch.ops.aten
 
@@ -62,7 +64,8 @@ def count_gmacs_split(
     _SIDE_FLOPS.append(0)
     try:
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
+        # a compiled model is counted through its eager code: dynamo does not trace under a dispatch mode
+        with torch.no_grad(), eager(model), counter:
             model(x)
     finally:
         side = _SIDE_FLOPS.pop()
@@ -80,6 +83,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PRECISIONS = ("32", "16", "bf16")
+
+
+def autocast_context(device, precision: str):
+    """torch.autocast for precision "16" / "bf16" (also "16-mixed", "bf16-mixed"), else a no-op."""
+    device = torch.device(device)
+    if precision in ("16", "16-mixed", "bf16", "bf16-mixed"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)
+    return nullcontext()
+
+
+def time_alternating(
+    runners: Dict[str, Callable[[], object]],
+    rounds: int = 10,
+    iters: int = 1,
+    warmup: int = 2,
+    sync: Callable[[], None] = lambda: None,
+) -> Dict[str, List[float]]:
+    """Seconds per call of every runner in each of `rounds` rounds (after `warmup` calls each).
+
+    Every round calls each runner `iters` times in turn, the order reversed every other round, so a
+    machine whose speed drifts (other processes, clocks) slows all runners of a round alike: the
+    ratio of two runners' times *within* a round is far steadier than the ratio of their medians
+    taken at different times. Compare runners through per-round ratios (`ratio_stats`)."""
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            runners[name]()
+    sync()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else reversed(names)):
+            fn = runners[name]
+            sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - start) / iters)
+    return times
+
+
+def ratio_stats(numerator: Sequence[float], denominator: Sequence[float]) -> Dict[str, float]:
+    """Median, quartiles, min and max of the per-round ratios numerator[r] / denominator[r]."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    if len(ratios) >= 2:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    else:
+        q1 = q3 = ratios[0]
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "min": ratios[0], "max": ratios[-1]}
+
+
 def measure_throughput(
     models: Dict[str, nn.Module],
     batch_size: int = 32,
@@ -93,40 +148,24 @@ def measure_throughput(
 ) -> Dict[str, float]:
     """Images per second of each model, measured side by side in one run.
 
-    Models are timed in alternating rounds (warm-up iterations excluded) and the median round is
-    reported, so slow drifts of the machine hit all models alike.
+    Models are timed in alternating rounds (warm-up iterations excluded, see `time_alternating`) and
+    the median round is reported, so slow drifts of the machine hit all models alike.
     """
     device = torch.device(device)
     if isinstance(img_size, int):
         img_size = (img_size, img_size)
     x = torch.randn(batch_size, in_chans, *img_size, device=device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)
-        if precision in ("16", "16-mixed", "bf16", "bf16-mixed")
-        else nullcontext()
-    )
-    results: Dict[str, List[float]] = {name: [] for name in models}
     states = {name: m.training for name, m in models.items()}
     try:
         for m in models.values():
             m.eval()
-        with torch.no_grad(), autocast:
-            for m in models.values():
-                for _ in range(warmup):
-                    m(x)
-            _sync(device)
-            for _ in range(rounds):
-                for name, m in models.items():
-                    _sync(device)
-                    start = time.perf_counter()
-                    for _ in range(iters):
-                        m(x)
-                    _sync(device)
-                    results[name].append(batch_size * iters / (time.perf_counter() - start))
+        with torch.no_grad(), autocast_context(device, precision):
+            times = time_alternating({name: (lambda m=m: m(x)) for name, m in models.items()},
+                                     rounds=rounds, iters=iters, warmup=warmup, sync=lambda: _sync(device))
     finally:
         for name, m in models.items():
             m.train(states[name])
-    return {name: statistics.median(v) for name, v in results.items()}
+    return {name: batch_size / statistics.median(v) for name, v in times.items()}
 
 
 def count_params(model: nn.Module) -> int:

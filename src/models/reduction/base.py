@@ -57,6 +57,7 @@ class TokenState:
     trace_source: bool = False  # when True, methods keep `source` up to date (visualisation)
     # one attention-map buffer for this forward pass, reused by every block that asks for a transient map
     map_buffer: Optional[Tensor] = None
+    _batch_rows: Optional[Tensor] = field(default=None, repr=False)  # see batch_rows()
 
     @property
     def num_tokens(self) -> int:
@@ -68,21 +69,43 @@ class TokenState:
             B, N, _ = self.x.shape
             self.source = torch.eye(N, device=self.x.device, dtype=self.x.dtype)[None].expand(B, N, N)
 
+    def batch_rows(self) -> Tensor:
+        """(B, 1) image index of every row of the batch (made once per forward pass)."""
+        rows = self._batch_rows
+        if rows is None:
+            rows = self._batch_rows = torch.arange(self.x.shape[0], device=self.x.device)[:, None]
+        return rows
+
+    def flat_index(self, idx: Tensor, n: int) -> Tensor:
+        """Per-image token indices `idx` (B, K) into a (B, n, .) tensor -> row indices (B*K,) of its
+        (B*n, .) flattening, for one `index_select` / `index_add_` over the whole batch."""
+        return (idx + self.batch_rows() * n).reshape(-1)
+
     def keep(self, idx: Tensor, extra: Optional[Tensor] = None, extra_source: Optional[Tensor] = None) -> None:
         """Keep the protected tokens plus the non-protected tokens `idx` (B, K), in that order, then
         optionally append `extra` tokens (B, E, C) whose source rows are `extra_source` (B, E, N0).
-        x, size and source are gathered together so they never fall out of step."""
+        x, size and source are gathered together, through one row index, so they never fall out of step."""
         p = self.num_protected
-        idx = idx + p  # indices into the whole sequence: no copy of a sliced view
-        self.x = torch.cat([self.x[:, :p], gather_tokens(self.x, idx)], dim=1)
+        B, N, _ = self.x.shape
+        if p:  # the protected rows join the index: one gather per tensor, no concatenation of tokens
+            idx = torch.cat([torch.arange(p, device=idx.device).expand(B, p), idx + p], dim=1)
+        flat = self.flat_index(idx, N)
+        K = idx.shape[1]
+        self.x = take_rows(self.x, flat, K)
         if self.size is not None:
-            self.size = torch.cat([self.size[:, :p], gather_tokens(self.size, idx)], dim=1)
+            self.size = take_rows(self.size, flat, K)
         if self.source is not None:
-            self.source = torch.cat([self.source[:, :p], gather_tokens(self.source, idx)], dim=1)
+            self.source = take_rows(self.source, flat, K)
         if extra is not None:
             self.x = torch.cat([self.x, extra], dim=1)
             if self.source is not None and extra_source is not None:
                 self.source = torch.cat([self.source, extra_source], dim=1)
+
+
+def take_rows(x: Tensor, flat: Tensor, k: int) -> Tensor:
+    """x: (B, N, C), flat: (B*k,) row indices of x.reshape(B*N, C) -> (B, k, C)."""
+    B, N, C = x.shape
+    return x.reshape(B * N, C).index_select(0, flat).view(B, k, C)
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -92,7 +115,40 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     expanded over the channels (it is on every reducing method's hot path)."""
     B, N, C = x.shape
     flat = (idx + torch.arange(B, device=idx.device)[:, None] * N).reshape(-1)
-    return x.reshape(B * N, C).index_select(0, flat).view(B, idx.shape[1], C)
+    return take_rows(x, flat, idx.shape[1])
+
+
+def merge_rows(x: Tensor, flat: Tensor, out_len: int, mode: str = "sum") -> Tensor:
+    """Sum (`mode` sum), average (mean) or maximum (amax) the tokens of x (B, t, C) that share an output
+    row of `flat` (see merge_plan) -> (B, out_len, C)."""
+    B, t, C = x.shape
+    rows = x.reshape(B * t, C)
+    if mode == "amax":
+        out = x.new_full((B * out_len, C), -float("inf")).scatter_reduce_(
+            0, flat[:, None].expand(-1, C), rows, reduce="amax")
+        return out.view(B, out_len, C)
+    out = x.new_zeros(B * out_len, C).index_add_(0, flat, rows)
+    if mode == "mean":
+        out = out / x.new_zeros(B * out_len, 1).index_add_(0, flat, x.new_ones(B * t, 1))
+    elif mode != "sum":
+        raise ValueError(f"merge mode must be sum, mean or amax, got {mode!r}")
+    return out.view(B, out_len, C)
+
+
+def weighted_merge(
+    x: Tensor, weight: Tensor, size: Tensor, source: Optional[Tensor], dest: Tensor, out_len: int
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Tokens x (B, n, C) with weights (B, n, 1) and sizes (B, n, 1) summed into the rows `dest`
+    (B, n) of an (B, out_len) output: the weighted average of each row's members, their summed sizes
+    and the maximum of their sources. One `index_add_` per tensor over the flattened batch (a
+    scatter over channel-expanded indices is several times slower on CPU)."""
+    B, n, C = x.shape
+    flat = (dest + torch.arange(B, device=dest.device)[:, None] * out_len).reshape(-1)
+    num = merge_rows(x * weight, flat, out_len)
+    den = merge_rows(weight, flat, out_len)
+    new_size = merge_rows(size, flat, out_len)
+    new_source = merge_rows(source, flat, out_len, "amax") if source is not None else None
+    return num / den, new_size, new_source
 
 
 @dataclass
@@ -117,6 +173,11 @@ class AttentionRequest:
     # The method reads the map only within this block (GTP): without autograd it may then live in one
     # buffer shared by all blocks instead of a fresh (B, H, N, N) allocation each time.
     transient_map: bool = False
+    # Attention probabilities (B, H, N, N) the method already has for these tokens (e.g. a map it merged
+    # along with the tokens): used instead of softmax(q k^T); only the values are projected (no q, k,
+    # no bias, no softmax), then attention dropout, `post_softmax` and the value product as usual.
+    # The result then has no keys (None).
+    probs: Optional[Tensor] = None
 
 
 NO_REQUEST = AttentionRequest()
@@ -125,9 +186,10 @@ NO_REQUEST = AttentionRequest()
 @dataclass
 class AttentionResult:
     out: Tensor  # (B, N, C) after the output projection
-    keys: Tensor  # (B, H, N, hd)
+    keys: Optional[Tensor]  # (B, H, N, hd); None when the request gave `probs`
     attn: Optional[Tensor] = None  # (B, H, N, N) when need == "map"
     cls_attn: Optional[Tensor] = None  # (B, H, N) CLS query row when need in ("cls", "map")
+    values: Optional[Tensor] = None  # (B, H, N, hd) the values the attention used (all tokens)
 
     @property
     def metric(self) -> Tensor:
@@ -156,6 +218,17 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+#: q elements (B x heads x N x head_dim) from which the explicit attention runs one GEMM per head
+HEADWISE_MIN_ELEMENTS = 1 << 18
+
+
+def _headwise(q: Tensor, v: Tensor) -> bool:
+    """Per-head GEMMs for the explicit attention map (see `attention`): eager CPU inference only, large
+    inputs, one dtype (no autocast: out= products are not autocast)."""
+    return (q.numel() >= HEADWISE_MIN_ELEMENTS and q.dtype == v.dtype
+            and not torch.is_autocast_enabled(q.device.type))
+
+
 def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST,
               state: Optional[TokenState] = None) -> AttentionResult:
     """timm ``Attention.forward`` that also returns what `req` asks for. `state` (optional) lends its
@@ -163,6 +236,8 @@ def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST,
     B, N, _ = x.shape
     attn_dim = attn.num_heads * attn.head_dim  # timm >= 1.0.23 names it attn.attn_dim
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    if req.probs is not None:
+        return _attention_with_probs(attn, x, req, gate)
     bias = req.bias
     if req.queries is None:
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -180,10 +255,21 @@ def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST,
         N = n_q
     q, k = attn.q_norm(q), attn.k_norm(k)
     cls_attn = full = None
+    headwise = False
     if req.need == "map" or req.softmax is not None or req.post_softmax is not None:
         qs = q * attn.scale
         out_buf = transient_map_out(state, qs, N, k.shape[-2]) if req.transient_map else None
-        if out_buf is not None:
+        # Large CPU batches: one GEMM per head, reading q, k, v where the qkv projection put them and
+        # writing the output straight into the (B, N, C) layout. The batched product of the 4-D views
+        # would first copy k^T and v into contiguous tensors and the output back out of the head-major
+        # layout: three fresh multi-MB tensors per block, whose page faults cost more than the GEMMs
+        # on CPU. Same products, same results; small inputs keep the 2 batched calls (fewer ops).
+        headwise = out_buf is not None and _headwise(qs, v)
+        if headwise:
+            for h in range(attn.num_heads):
+                torch.bmm(qs[:, h], k[:, h].transpose(-2, -1), out=out_buf[:, h])
+            logits = out_buf
+        elif out_buf is not None:
             logits = torch.matmul(qs, k.transpose(-2, -1), out=out_buf)
         else:
             logits = qs @ k.transpose(-2, -1)
@@ -193,7 +279,13 @@ def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST,
         full = attn.attn_drop(full)
         if req.post_softmax is not None:
             full = req.post_softmax(full)
-        out = full @ v
+        if headwise and full.dtype == v.dtype:
+            out = v.new_empty(B, N, attn.num_heads, attn.head_dim)
+            for h in range(attn.num_heads):
+                torch.bmm(full[:, h], v[:, h], out=out[:, :, h])
+        else:
+            headwise = False
+            out = full @ v
         cls_attn = full[:, :, 0]
     else:
         if bias is not None and bias.dtype != q.dtype:
@@ -207,11 +299,29 @@ def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST,
             if bias is not None:
                 row = row + bias[..., :1, :]
             cls_attn = row.softmax(dim=-1)[:, :, 0]
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn_dim))
+    out = attn.norm(out.reshape(B, N, attn_dim) if headwise else out.transpose(1, 2).reshape(B, N, attn_dim))
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return AttentionResult(out=out, keys=k, attn=full if req.need == "map" else None, cls_attn=cls_attn)
+    return AttentionResult(out=out, keys=k, attn=full if req.need == "map" else None, cls_attn=cls_attn, values=v)
+
+
+def _attention_with_probs(attn: Attention, x: Tensor, req: AttentionRequest, gate: Optional[Tensor]) -> AttentionResult:
+    """`attention` with given probabilities `req.probs`: only the value projection and the value product."""
+    B, N, _ = x.shape
+    d = attn.num_heads * attn.head_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    v = F.linear(x, w[2 * d:], None if b is None else b[2 * d:])
+    v = v.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    full = attn.attn_drop(req.probs.to(v.dtype))
+    if req.post_softmax is not None:
+        full = req.post_softmax(full)
+    out = attn.norm((full @ v).transpose(1, 2).reshape(B, N, d))
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return AttentionResult(out=out, keys=None, attn=full if req.need == "map" else None,
+                           cls_attn=full[:, :, 0] if req.need in ("cls", "map") else None, values=v)
 
 
 class ReductionMethod:
@@ -224,6 +334,16 @@ class ReductionMethod:
     #: official checkpoint key names). Checkpoint keys under these names belong to the method: weight
     #: loading reads this to tell which method a checkpoint was trained with.
     module_names: ClassVar[Tuple[str, ...]] = ()
+    #: True when the number of tokens every block keeps (in eval) follows from the input's shape alone,
+    #: never from the pixel values: every forward pass of one input shape is the same static graph, so
+    #: torch.compile(fullgraph=True) traces it once (no recompilation across blocks or batches) and it
+    #: exports to ONNX. A method with per-image token counts (ATS-like sampling) sets False; shared
+    #: code (src.models.compile, src.models.export) reads this, never the method's name.
+    static_schedule: ClassVar[bool] = True
+    #: False when the method cannot be exported to ONNX even with a static schedule; then
+    #: `not_exportable_reason` says why (an op ONNX lacks, ...). A dynamic schedule is never exportable.
+    exportable: ClassVar[bool] = True
+    not_exportable_reason: ClassVar[str] = ""
 
     def __init__(self, model: VisionTransformer, **params: Any):
         if params:
@@ -424,9 +544,13 @@ def run_block(block: Block, state: TokenState, method: ReductionMethod, i: int,
         res = checkpoint(_attend, block, state.x, req, None, use_reentrant=False)
     else:
         res = _attend(block, state.x, req, state)
-    if req.queries is not None:  # the non-query tokens leave after serving as keys/values
-        idx = torch.arange(req.queries - state.num_protected, device=state.x.device)
-        state.keep(idx[None].expand(state.x.shape[0], -1))
+    if req.queries is not None:  # the non-query tokens (the last ones) leave after serving as keys/values
+        n_q = req.queries
+        state.x = state.x[:, :n_q]
+        if state.size is not None:
+            state.size = state.size[:, :n_q]
+        if state.source is not None:
+            state.source = state.source[:, :n_q]
     state.x = state.x + block.drop_path1(block.ls1(res.out))
     state = method.after_attention(i, state, res)
     if grad_checkpoint:
@@ -436,6 +560,10 @@ def run_block(block: Block, state: TokenState, method: ReductionMethod, i: int,
     state = method.after_block(i, state)
     state.tokens_per_block.append(state.x.shape[1])
     return state
+
+
+#: Attribute of a reduced model holding its compiled forward_tokens (set by src.models.compile).
+COMPILED_TOKENS = "_compiled_forward_tokens"
 
 
 def _rebuild_reduced(base: type) -> nn.Module:
@@ -451,14 +579,27 @@ class _ReducedMixin:
     reduction: ReductionMethod
 
     def __reduce_ex__(self, protocol):
-        # the reduced class is made at run time; pickle and deepcopy rebuild it from the base class
+        # the reduced class is made at run time; pickle and deepcopy rebuild it from the base class. A
+        # compiled forward_tokens (src.models.compile) is not carried over: a copy runs eagerly
         base = next(c for c in type(self).__mro__ if not issubclass(c, _ReducedMixin))
-        return _rebuild_reduced, (base,), self.__getstate__()
+        state = dict(self.__getstate__())
+        state.pop(COMPILED_TOKENS, None)
+        return _rebuild_reduced, (base,), state
 
     def forward_tokens(self, x: Tensor, collect: Sequence[int] = (), last_block: Optional[int] = None) -> TokenState:
         """Patch embedding, blocks with reduction, final norm; returns the whole final state.
         `collect`: block indices whose output tokens are kept in ``state.extras["intermediates"]``;
-        `last_block`: stop after this block (no finalize, no final norm)."""
+        `last_block`: stop after this block (no finalize, no final norm).
+
+        After ``src.models.compile.compile_model(model)`` the plain call ``forward_tokens(x)`` (the one
+        ``forward`` and the trainer make) runs the compiled graph."""
+        if not torch.compiler.is_compiling() and not collect and last_block is None:
+            compiled = getattr(self, COMPILED_TOKENS, None)
+            if compiled is not None:
+                return compiled(x)
+        return self._forward_tokens(x, collect, last_block)
+
+    def _forward_tokens(self, x: Tensor, collect: Sequence[int] = (), last_block: Optional[int] = None) -> TokenState:
         x = self.patch_embed(x)
         grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(self.patch_embed.grid_size)
         x = self._pos_embed(x)
@@ -625,6 +766,7 @@ def apply_reduction(
         for name, module in held.items():  # leave the model as it was
             setattr(model, name, module)
         raise
+    model.__dict__.pop(COMPILED_TOKENS, None)  # a compiled graph of the previous method is stale
     model.__class__ = _reduced_class(type(model))
     model.reduction = impl
     model.trace_source = bool(trace_source)
@@ -657,6 +799,7 @@ def remove_reduction(model: VisionTransformer, drop_modules: bool = False) -> Vi
             for name in model.reduction.new_module_names():
                 delattr(model, name)
         model.__class__ = next(c for c in type(model).__mro__ if not issubclass(c, _ReducedMixin))
+        model.__dict__.pop(COMPILED_TOKENS, None)
         del model.reduction, model.trace_source
     return model
 

@@ -37,11 +37,13 @@ from .base import (
     ReductionConfigError,
     TokenState,
     check_fraction,
-    gather_tokens,
     keep_count,
     rank_by_cls_attention,
     register,
+    take_rows,
+    weighted_merge,
 )
+from .tome import merge_destinations
 
 Tensor = torch.Tensor
 
@@ -108,18 +110,22 @@ def cluster_merge(
     assign: Tensor, num_clusters: int, x: Tensor, weight: Tensor, size: Tensor, source: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One token per cluster: members' weighted average (weight (B, I)), summed sizes, max source."""
-    w = weight.unsqueeze(-1)
-    B, _, C = x.shape
-    idx = assign.unsqueeze(-1)
-    num = x.new_zeros(B, num_clusters, C).scatter_add(1, idx.expand(-1, -1, C), x * w)
-    den = w.new_zeros(B, num_clusters, 1).scatter_add(1, idx, w)
-    new_size = size.new_zeros(B, num_clusters, 1).scatter_add(1, idx, size)
-    new_source = None
-    if source is not None:
-        new_source = source.new_zeros(B, num_clusters, source.shape[-1]).scatter_reduce(
-            1, idx.expand(-1, -1, source.shape[-1]), source, reduce="amax"
-        )
-    return num / den, new_size, new_source
+    return weighted_merge(x, weight.unsqueeze(-1), size, source, assign, num_clusters)
+
+
+def pair_destinations(metric: Tensor, pairs: int) -> Tensor:
+    """ToMe's bipartite soft matching within one token set (B, k, d): A = even, B = odd positions; the
+    `pairs` A tokens most similar (cosine of `metric`) to their best B token merge into it. Returns
+    the output row (B, k) of every token: [unmatched A (in order), B] (k - pairs rows)."""
+    k = metric.shape[1]
+    with torch.no_grad():
+        m = F.normalize(metric, dim=-1)
+        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
+        best, dst = scores.max(dim=-1)
+        edges = torch.sort(best, dim=-1, descending=True, stable=True).indices
+        src_idx = edges[:, :pairs]
+        unm_idx = edges[:, pairs:].sort(dim=-1).values  # keep the attention order
+        return merge_destinations(src_idx, dst.gather(1, src_idx), unm_idx, k)
 
 
 def bipartite_pair_merge(
@@ -130,25 +136,7 @@ def bipartite_pair_merge(
     average. Returns [unmatched A (in order), B] tokens, sizes and sources."""
     if pairs <= 0:
         return x, size, source
-    with torch.no_grad():
-        m = F.normalize(metric, dim=-1)
-        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
-        best, dst = scores.max(dim=-1)
-        edges = torch.sort(best, dim=-1, descending=True, stable=True).indices
-        src_idx = edges[:, :pairs]
-        unm_idx = edges[:, pairs:].sort(dim=-1).values  # keep the attention order
-        dst_idx = dst.gather(1, src_idx)
-
-    def merge(t: Tensor, reduce: str) -> Tensor:
-        a, b = t[:, ::2], t[:, 1::2]
-        idx = dst_idx.unsqueeze(-1).expand(-1, -1, t.shape[-1])
-        b = b.scatter_reduce(1, idx, gather_tokens(a, src_idx), reduce=reduce)
-        return torch.cat([gather_tokens(a, unm_idx), b], dim=1)
-
-    total = merge(x * size, "sum")
-    new_size = merge(size, "sum")
-    new_source = merge(source, "amax") if source is not None else None
-    return total / new_size, new_size, new_source
+    return weighted_merge(x, size, size, source, pair_destinations(metric, pairs), x.shape[1] - pairs)
 
 
 @register
@@ -211,30 +199,37 @@ class BAT(KeepRateMethod):
         k, n_in, clusters, pairs = bat_counts(state.num_tokens - p, *plan)
         if n_in == 0 and pairs == 0:
             return state
+        B, N, _ = state.x.shape
         if state.size is None:
-            state.size = state.x.new_ones(state.x.shape[0], state.num_tokens, 1)
+            state.size = state.x.new_ones(B, N, 1)
         score, order = rank_by_cls_attention(res, p)
         att_idx, in_idx = order[:, :k], order[:, k:]
-        x, size, source = state.x[:, p:], state.size[:, p:], state.source
-        source = source[:, p:] if source is not None else None
-
-        def take(t: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
-            return gather_tokens(t, idx) if t is not None else None
-
-        keys = res.keys[:, :, p:].mean(dim=1)  # ToMe's matching metric: head-mean keys
-        parts = [bipartite_pair_merge(take(keys, att_idx), pairs, take(x, att_idx), take(size, att_idx),
-                                      take(source, att_idx))]
+        # Where every token goes, ranked tokens first: attentive ones to their row of the pair merge
+        # ([unmatched A, B], k - pairs rows), inattentive ones to their cluster's row after those; and its
+        # weight: its size for the size-weighted pair merge, its CLS attention for the attention-weighted
+        # cluster average (floored so an all-underflow cluster, in half precision, is not NaN).
+        keys = res.keys.mean(dim=1)  # ToMe's matching metric: head-mean keys
+        att_rows = state.flat_index(att_idx + p, N)
+        if pairs > 0:
+            ranked_dest = pair_destinations(take_rows(keys, att_rows, k), pairs)
+        else:
+            ranked_dest = torch.arange(k, device=order.device).expand(B, k)
+        ranked_weight = take_rows(state.size, att_rows, k)[..., 0]
         if n_in > 0:
-            x_in = take(x, in_idx)
+            x_in = take_rows(state.x, state.flat_index(in_idx + p, N), n_in)
             with torch.no_grad():
                 assign = dpc_knn_assign(x_in.detach(), clusters, self.knn)
-            # attention weights, floored so an all-underflow cluster (half precision) is not NaN
-            weight = score.gather(1, in_idx).clamp_min(1e-12)
-            parts.append(cluster_merge(assign, clusters, x_in, weight, take(size, in_idx), take(source, in_idx)))
-        state.x = torch.cat([state.x[:, :p]] + [t[0] for t in parts], dim=1)
-        state.size = torch.cat([state.size[:, :p]] + [t[1] for t in parts], dim=1)
-        if state.source is not None:
-            state.source = torch.cat([state.source[:, :p]] + [t[2] for t in parts], dim=1)
+            ranked_dest = torch.cat([ranked_dest, assign + (k - pairs)], dim=1)
+            ranked_weight = torch.cat([ranked_weight, score.gather(1, in_idx).clamp_min(1e-12)], dim=1)
+        # back to token order (order is a permutation), the protected tokens first in their own rows
+        dest = torch.empty_like(order).scatter_(1, order, ranked_dest + p)
+        weight = torch.empty_like(ranked_weight).scatter_(1, order, ranked_weight)
+        if p:
+            dest = torch.cat([torch.arange(p, device=dest.device).expand(B, p), dest], dim=1)
+            weight = torch.cat([weight.new_ones(B, p), weight], dim=1)
+        state.x, state.size, state.source = weighted_merge(
+            state.x, weight.unsqueeze(-1).to(state.x.dtype), state.size, state.source, dest,
+            p + k - pairs + clusters)
         return state
 
     def extra_repr(self) -> str:

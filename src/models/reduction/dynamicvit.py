@@ -45,7 +45,6 @@ from .base import (
     ReductionConfigError,
     ReductionMethod,
     TokenState,
-    gather_tokens,
     parse_locations,
     register,
 )
@@ -70,16 +69,20 @@ class PredictorLG(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor, prev: Tensor) -> Tensor:
-        """x: (B, M, C) patch tokens, prev: (B, M, 1) previous keep decisions -> (B, M, 2) log-probs."""
+    def forward(self, x: Tensor, prev: Optional[Tensor] = None) -> Tensor:
+        """x: (B, M, C) patch tokens, prev: (B, M, 1) previous keep decisions, or None when every token
+        is kept (the inference path, where dropped tokens are gone) -> (B, M, 2) log-probs."""
         x = self.in_conv(x)
         B, M, C = x.shape
         local = x[..., : C // 2]
-        # mean of the global half over the tokens still kept. The decisions are hard 0/1, so the count
-        # is 0 or >= 1: the guard only changes the reference's 0/0 = NaN for an image whose tokens were
-        # all dropped (likely with few patches or low keep rates) into a zero global feature.
-        count = prev.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        glob = (x[..., C // 2:] * prev).sum(dim=1, keepdim=True) / count
+        if prev is None:  # all kept: the same sum over all tokens divided by the same count, M
+            glob = x[..., C // 2:].sum(dim=1, keepdim=True) / float(M)
+        else:
+            # mean of the global half over the tokens still kept. The decisions are hard 0/1, so the count
+            # is 0 or >= 1: the guard only changes the reference's 0/0 = NaN for an image whose tokens were
+            # all dropped (likely with few patches or low keep rates) into a zero global feature.
+            count = prev.sum(dim=1, keepdim=True).clamp_min(1e-6)
+            glob = (x[..., C // 2:] * prev).sum(dim=1, keepdim=True) / count
         return self.out_conv(torch.cat([local, glob.expand(B, M, C // 2)], dim=-1))
 
 
@@ -198,7 +201,8 @@ class DynamicViT(ReductionMethod):
         ex = state.extras["dynamicvit"]
         s = self.locations.index(i)
         p = state.num_protected
-        log_probs = ex["predictors"][s](state.x[:, p:], ex["prev"])
+        # in inference the previous decisions are all ones (dropped tokens are removed, not masked)
+        log_probs = ex["predictors"][s](state.x[:, p:], ex["prev"] if state.training else None)
         if state.training:
             # hard sample with straight-through gradients; a token dropped earlier stays dropped
             hard = F.gumbel_softmax(log_probs, hard=True)[:, :, 0:1] * ex["prev"]
@@ -210,8 +214,8 @@ class DynamicViT(ReductionMethod):
             k = ex["counts"][s]
             idx = torch.argsort(log_probs[:, :, 0], dim=1, descending=True)[:, :k]
             state.keep(idx)
-            ex["prev"] = gather_tokens(ex["prev"], idx)
-            ex["kept"].append(torch.tensor(k / ex["num_patches"]))
+            ex["prev"] = ex["prev"][:, :k]  # still all ones
+            ex["kept"].append(k / ex["num_patches"])
         return state
 
     def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
@@ -261,12 +265,11 @@ class DynamicViT(ReductionMethod):
                 f"dynamicvit token distillation needs the teacher's tokens in the student's layout: student "
                 f"{tuple(tokens.shape)} vs teacher {tuple(teacher_tokens.shape)} (is the teacher unreduced?)"
             )
-        keep = ex["prev"].detach().reshape(-1) > 0.5
-        if keep.sum() < 1:
-            token = tokens.new_zeros(())
-        else:
-            C = tokens.shape[-1]
-            token = ((tokens.reshape(-1, C)[keep] - teacher_tokens.reshape(-1, C)[keep]) ** 2).mean()
+        # mean over the kept tokens' channels (0 when none is kept), written without a boolean index or a
+        # host-side test, so a training step never waits for the device here
+        keep = (ex["prev"].detach() > 0.5).to(tokens.dtype)  # (B, M, 1)
+        squares = ((tokens - teacher_tokens) ** 2 * keep).sum()
+        token = squares / (keep.sum() * tokens.shape[-1]).clamp_min(1.0)
         out["token_distill"] = self.token_distill_weight * token
         return out
 

@@ -60,14 +60,15 @@ class EViT(KeepRateMethod):
         if not self.fuse_token:
             state.keep(idx)
             return state
-        # Fused token: sum over the complement of (CLS attention * token), no normalisation.
-        dropped = torch.ones_like(cls_attn, dtype=torch.bool).scatter_(1, idx, False)
-        weights = cls_attn.masked_fill(~dropped, 0.0)
-        others = state.x[:, p:]
-        fused = (others * weights.unsqueeze(-1)).sum(dim=1, keepdim=True)
+        # Fused token: sum over the complement of (CLS attention * token), no normalisation. The weights
+        # are the CLS attention with the kept tokens zeroed, and the weighted sum is one batched
+        # matrix-vector product (the reference multiplies and sums: the same sum, in another order).
+        weights = cls_attn.scatter(1, idx, 0.0)
+        fused = torch.bmm(weights.unsqueeze(1).to(state.x.dtype), state.x[:, p:])
         fused_source = None
         if state.source is not None:
             # the fused token stands for every patch any of its members stood for
+            dropped = torch.ones_like(cls_attn, dtype=torch.bool).scatter_(1, idx, False)
             fused_source = state.source[:, p:].masked_fill(~dropped.unsqueeze(-1), 0).amax(dim=1, keepdim=True)
         state.keep(idx, extra=fused, extra_source=fused_source)
         return state

@@ -51,8 +51,8 @@ from .base import (
     ReductionConfigError,
     ReductionMethod,
     TokenState,
-    gather_tokens,
     register,
+    take_rows,
     resolve_r,
 )
 from .tome import check_total_removal
@@ -107,7 +107,9 @@ def semantic_graph(patches: Tensor, num_neighbours: int) -> Tensor:
     m = patches.shape[1]
     xn = patches / patches.norm(dim=-1, keepdim=True)
     sim = xn @ xn.transpose(-1, -2)
-    threshold = torch.kthvalue(sim, m - num_neighbours, dim=-1, keepdim=True)[0]
+    # the reference's kthvalue(sim, M - K): the (K+1)-th largest value of each row, taken with topk
+    # (the same value; ONNX has TopK but no kthvalue)
+    threshold = torch.topk(sim, num_neighbours + 1, dim=-1).values[..., -1:]
     eye = torch.eye(m, device=patches.device, dtype=patches.dtype)
     return (sim >= threshold).to(patches.dtype) - eye
 
@@ -151,6 +153,14 @@ def biased_softmax(bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
         return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
     return softmax
+
+
+def _propagate(ranked: Tensor, w_prop: Tensor, p: int, r: int, alpha: float) -> Tensor:
+    """ranked (B, N, D) = [protected, kept, propagated (last r)] -> [protected, kept + alpha * W_prop @
+    propagated] (B, N - r, D), the product added to the kept tokens inside one batched GEMM."""
+    N = ranked.shape[1]
+    kept = torch.baddbmm(ranked[:, p: N - r], w_prop.to(ranked.dtype), ranked[:, N - r:], alpha=alpha)
+    return torch.cat([ranked[:, :p], kept], dim=1) if p else kept
 
 
 # --- parameters ---------------------------------------------------------------------------------------
@@ -271,22 +281,26 @@ class GTP(ReductionMethod):
         if r <= 0:
             return state
         p = state.num_protected
+        B, N, _ = state.x.shape
+        M = N - p
         order = torch.argsort(SELECTIONS[self.selection](res.attn, p), dim=1, descending=True)
-        kept, prop = order[:, :-r], order[:, -r:]
-        rows = state.extras[ROWS_KEY]
-        rows_kept, rows_prop = rows.gather(1, kept), rows.gather(1, prop)
+        # one row index for x, scales and sources: [protected, kept (N-p-r, in score order), propagated (r)]
+        idx = order + p
+        if p:
+            idx = torch.cat([torch.arange(p, device=idx.device).expand(B, p), idx], dim=1)
+        flat = state.flat_index(idx, N)
+        rows = state.extras[ROWS_KEY].gather(1, order)  # graph rows of the ranked tokens
+        rows_kept, rows_prop = rows[:, : M - r], rows[:, M - r:]
         graph = state.extras[GRAPH_KEY]
         m = graph.shape[-1]
-        # W_prop = graph[rows_kept][:, rows_prop]: only the (N-1-r) x r block is gathered
-        flat = (rows_kept.unsqueeze(-1) * m + rows_prop.unsqueeze(1)).flatten(1)
-        w_prop = graph.flatten(1).gather(1, flat).view(rows.shape[0], kept.shape[1], r)
-        x_prop = gather_tokens(state.x, prop + p)
-        s_prop = gather_tokens(state.size, prop + p) if state.size is not None else None
-        state.keep(kept)
-        # x_kept + alpha * W_prop @ x_prop, added in place to the fresh tensor `keep` made
-        state.x[:, p:].add_(self.alpha * (w_prop @ x_prop))
-        if s_prop is not None:
-            state.size[:, p:].add_(self.alpha * (w_prop @ s_prop))
+        # W_prop = graph[rows_kept][:, rows_prop]: only the (N-p-r) x r block is gathered
+        w_prop = graph.flatten(1).gather(1, (rows_kept.unsqueeze(-1) * m + rows_prop.unsqueeze(1)).flatten(1))
+        w_prop = w_prop.view(B, M - r, r)
+        state.x = _propagate(take_rows(state.x, flat, N), w_prop, p, r, self.alpha)
+        if state.size is not None:
+            state.size = _propagate(take_rows(state.size, flat, N), w_prop, p, r, self.alpha)
+        if state.source is not None:
+            state.source = take_rows(state.source, flat, N)[:, : N - r]
         state.extras[ROWS_KEY] = rows_kept
         return state
 

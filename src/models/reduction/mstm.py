@@ -32,9 +32,10 @@ from .base import (
     AttentionResult,
     ReductionConfigError,
     TokenState,
-    gather_tokens,
     rank_by_cls_attention,
     register,
+    take_rows,
+    weighted_merge,
 )
 
 Tensor = torch.Tensor
@@ -74,24 +75,29 @@ def merge_into_crucial(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Merge every `rest` token into its most similar `crucial` token; returns the crucial tokens
     (in `crucial` order) with their new features, sizes and sources."""
-    xc, xr = gather_tokens(x, crucial), gather_tokens(x, rest)
-    sc, sr = gather_tokens(size, crucial), gather_tokens(size, rest)
+    dest, factor = crucial_plan(x, crucial, rest)
+    return weighted_merge(x, (size[..., 0] * factor).unsqueeze(-1), size, source, dest, crucial.shape[1])
+
+
+def crucial_plan(x: Tensor, crucial: Tensor, rest: Tensor) -> Tuple[Tensor, Tensor]:
+    """For tokens x (B, M, C) split into `crucial` (B, K) and `rest` (B, M-K): every token's output row
+    (B, M) (a crucial token its rank, a rest token the rank of its most similar crucial token by cosine
+    similarity of the features) and the factor (B, M) its size is weighted with (1 for a crucial token,
+    (1 + cos) / 2 for a merged one), both in token order."""
+    B, M, _ = x.shape
+    K = crucial.shape[1]
+    rows = torch.arange(B, device=x.device)[:, None] * M
     with torch.no_grad():
-        sim = F.normalize(xr.detach(), dim=-1) @ F.normalize(xc.detach(), dim=-1).transpose(-1, -2)
-        best, dst = sim.max(dim=-1)  # (B, R)
-    w = sr * ((1.0 + best) / 2.0).unsqueeze(-1)  # similarity- and size-weighted contribution
-    idx = dst.unsqueeze(-1)
-    C = x.shape[-1]
-    num = (xc * sc).scatter_add(1, idx.expand(-1, -1, C), xr * w)
-    den = sc.scatter_add(1, idx, w)
-    new_size = sc.scatter_add(1, idx, sr)
-    new_source = None
-    if source is not None:
-        N0 = source.shape[-1]
-        new_source = gather_tokens(source, crucial).scatter_reduce(
-            1, idx.expand(-1, -1, N0), gather_tokens(source, rest), reduce="amax"
-        )
-    return num / den, new_size, new_source
+        xn = F.normalize(x.detach(), dim=-1)
+        xc = take_rows(xn, (crucial + rows).reshape(-1), K)
+        xr = take_rows(xn, (rest + rows).reshape(-1), M - K)
+        best, dst = (xr @ xc.transpose(-1, -2)).max(dim=-1)  # (B, M - K)
+    order = torch.cat([crucial, rest], dim=1)
+    ranked_dest = torch.cat([torch.arange(K, device=x.device).expand(B, K), dst], dim=1)
+    ranked_factor = torch.cat([best.new_ones(B, K), (1.0 + best) / 2.0], dim=1)
+    dest = torch.empty_like(order).scatter_(1, order, ranked_dest)
+    factor = torch.empty_like(ranked_factor).scatter_(1, order, ranked_factor)
+    return dest, factor
 
 
 @register
@@ -160,15 +166,17 @@ class MSTM(KeepRateMethod):
 
     def reduce(self, state: TokenState, res: AttentionResult, k: int) -> TokenState:
         p = state.num_protected
+        B, N, _ = state.x.shape
         if state.size is None:
-            state.size = state.x.new_ones(state.x.shape[0], state.num_tokens, 1)
+            state.size = state.x.new_ones(B, N, 1)
         _, order = rank_by_cls_attention(res, p)
-        src = state.source[:, p:] if state.source is not None else None
-        x, size, source = merge_into_crucial(state.x[:, p:], state.size[:, p:], src, order[:, :k], order[:, k:])
-        state.x = torch.cat([state.x[:, :p], x], dim=1)
-        state.size = torch.cat([state.size[:, :p], size], dim=1)
-        if source is not None:
-            state.source = torch.cat([state.source[:, :p], source], dim=1)
+        dest, factor = crucial_plan(state.x[:, p:], order[:, :k], order[:, k:])
+        weight = state.size[:, p:, 0] * factor.to(state.size.dtype)
+        if p:  # the protected tokens keep their own rows, weight 1
+            dest = torch.cat([torch.arange(p, device=dest.device).expand(B, p), dest + p], dim=1)
+            weight = torch.cat([weight.new_ones(B, p), weight], dim=1)
+        state.x, state.size, state.source = weighted_merge(
+            state.x, weight.unsqueeze(-1), state.size, state.source, dest, p + k)
         return state
 
     def new_module_names(self) -> List[str]:

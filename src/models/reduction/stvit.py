@@ -106,6 +106,30 @@ class RecoveryBlock(nn.Module):
         return x + self.gamma2 * self.mlp(self.norm2(x))
 
 
+def adaptive_max_pool2d(g: Tensor, out_size: Tuple[int, int]) -> Tensor:
+    """``F.adaptive_max_pool2d(g, out_size)`` (B, D, H, W) -> (B, D, h, w), the same windows (output i
+    covers rows floor(i*H/h) .. ceil((i+1)*H/h) - 1) and the same values, as a separable maximum over
+    gathered windows: ONNX has no adaptive max pooling for grids the output size does not divide
+    (14x14 -> 4x4 on DeiT at 224), and the window indices are built on the tensor's device."""
+    for dim, n in ((2, out_size[0]), (3, out_size[1])):
+        size = g.shape[dim]
+        if size % n == 0:  # equal windows: plain max pooling along this dimension
+            kernel = (size // n, 1) if dim == 2 else (1, size // n)
+            g = F.max_pool2d(g, kernel, kernel)
+            continue
+        starts = [i * size // n for i in range(n)]
+        ends = [-(-(i + 1) * size // n) for i in range(n)]
+        k = max(e - s for s, e in zip(starts, ends))
+        i = torch.arange(n, device=g.device)
+        start, last = (i * size).div(n, rounding_mode="floor"), ((i + 1) * size + n - 1).div(n, rounding_mode="floor") - 1
+        # every window padded to k entries by repeating its last row (a repeat does not change a maximum)
+        idx = torch.minimum(start[:, None] + torch.arange(k, device=g.device), last[:, None]).reshape(-1)
+        shape = list(g.shape)
+        shape[dim:dim + 1] = [n, k]
+        g = g.index_select(dim, idx).view(shape).amax(dim + 1)
+    return g
+
+
 def _pool_size(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
     if isinstance(value, bool) or not (
         isinstance(value, int) or (isinstance(value, (list, tuple)) and len(value) == 2
@@ -160,7 +184,7 @@ class STViT(ReductionMethod):
         """(B, H*W, D) -> (B, h*w, D) pooled over the patch grid."""
         B, _, D = t.shape
         g = t.transpose(1, 2).reshape(B, D, *grid)
-        g = F.adaptive_max_pool2d(g, self.pool_size) if self.pool == "max" else F.adaptive_avg_pool2d(g, self.pool_size)
+        g = adaptive_max_pool2d(g, self.pool_size) if self.pool == "max" else F.adaptive_avg_pool2d(g, self.pool_size)
         return g.flatten(2).transpose(1, 2)
 
     def init_state(self, model, state: TokenState) -> TokenState:

@@ -25,6 +25,7 @@ from .base import (
     ReductionMethod,
     TokenState,
     register,
+    merge_rows,
     resolve_r,
 )
 
@@ -82,14 +83,37 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int) -> Tuple
     reference they take part in the alternate split: a protected token in A is never a source (its
     row is -inf), one in B never a destination (its column is -inf). With one protected token this is
     the reference's `class_token`, with two its `class_token` + `distill_token`; more (register tokens)
-    follow the same rule, and the protected tokens keep their order at the front of the output."""
-    p = num_protected
+    follow the same rule, and the protected tokens keep their order at the front of the output.
+
+    The matching is the reference's (same scores, same argsort); the merge is computed differently:
+    instead of gathers and a scatter over channel-expanded indices (several passes over the tokens,
+    each slow on CPU), every token gets the row it lands in (`merge_plan`) and one `index_add_` sums
+    all tokens into their rows. The output order is the reference's: [unmerged A, B], with protected
+    tokens first in their A0 B0 A1 B1 ... order."""
     t = metric.shape[1]
-    r = min(r, (t - p) // 2)
+    r = min(r, (t - num_protected) // 2)
     if r <= 0:
         return (lambda x, mode="mean": x), 0
-    in_a, in_b = (p + 1) // 2, p // 2  # protected tokens at even (A) and odd (B) positions
+    flat, out_len = merge_plan(metric, r, num_protected)
 
+    def merge(x: Tensor, mode: str = "mean") -> Tensor:
+        return merge_rows(x, flat, out_len, mode)
+
+    return merge, r
+
+
+def merge_plan(metric: Tensor, r: int, num_protected: int) -> Tuple[Tensor, int]:
+    """ToMe's bipartite matching on `metric` (B, t, d), r <= (t - num_protected) // 2 merges: the
+    output row of every token, as a flat index (B*t,) into the (B*(t-r), .) flattened output, and t-r.
+
+    A = even positions (t1 tokens), B = odd (t2). The u = t1 - r unmerged A tokens come first (in
+    argsort order, or in token order when there are protected tokens, as the reference), then every
+    B token; a merged A token lands in the row of its best B token. With protected B tokens (in_b > 0)
+    the first 2 * in_b rows hold the protected tokens interleaved A0 B0 A1 B1 ..., exactly as the
+    reference's output."""
+    p = num_protected
+    B, t, _ = metric.shape
+    in_a, in_b = (p + 1) // 2, p // 2  # protected tokens at even (A) and odd (B) positions
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True)
         a, b = m[..., ::2, :], m[..., 1::2, :]
@@ -99,26 +123,37 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int) -> Tuple
         if in_b:
             scores[..., :, :in_b] = -float("inf")
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx = edge_idx[..., r:, :]
-        src_idx = edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        unm_idx = edge_idx[:, r:]
+        src_idx = edge_idx[:, :r]
+        dst_idx = node_idx.gather(1, src_idx)
         if p:
             unm_idx = unm_idx.sort(dim=1)[0]  # protected A tokens first, in order
+        target = merge_destinations(src_idx, dst_idx, unm_idx, t, in_b)
+        rows = torch.arange(B, device=metric.device)[:, None] * (t - r)
+        return (target + rows).reshape(-1), t - r
 
-    def merge(x: Tensor, mode: str = "mean") -> Tensor:
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
-        n, t1, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-        if not in_b:
-            return torch.cat([unm, dst], dim=1)
-        # protected tokens back in their order A0 B0 A1 B1 ..., then the rest as [unmerged A, B]
-        prefix = torch.stack([unm[:, :in_b], dst[:, :in_b]], dim=2).flatten(1, 2)
-        return torch.cat([prefix, unm[:, in_b:], dst[:, in_b:]], dim=1)
 
-    return merge, r
+def merge_destinations(src_idx: Tensor, dst_idx: Tensor, unm_idx: Tensor, t: int, in_b: int = 0) -> Tensor:
+    """Output row (B, t) of every one of t tokens split alternately into A (even) and B (odd positions)
+    when the A tokens `src_idx` (B, r) merge into the B tokens `dst_idx` (B, r) and the A tokens
+    `unm_idx` (B, u) stay, in that order: rows [unmerged A, B] (t - r rows). The first `in_b` B tokens
+    are protected and interleave with the first in_b unmerged A tokens (then A-indices 0..in_b-1): rows
+    A0 B0 A1 B1 ... (ToMe's distillation token rule)."""
+    B, u = unm_idx.shape
+    device = unm_idx.device
+    # B token i = 2j + 1 -> row u + j, a protected one (j < in_b) row i; even entries are placeholders,
+    # all overwritten below
+    pos = torch.arange(t, device=device)
+    target = (pos + (2 * u - 1)).div(2, rounding_mode="floor")
+    if in_b:
+        target[: 2 * in_b] = pos[: 2 * in_b]
+    target = target.expand(B, t).clone()
+    # unmerged A tokens: row = rank (+ in_b behind the interleaved protected pairs); the first in_b of
+    # them are the protected A tokens 0..in_b-1, whose rows 0, 2, ... the base already holds
+    target.scatter_(1, 2 * unm_idx[:, in_b:], torch.arange(2 * in_b, u + in_b, device=device).expand(B, -1))
+    target.scatter_(1, 2 * src_idx, dst_idx + u)  # merged A tokens: their destination's row
+    return target
 
 
 def merge_wavg(merge: Callable, x: Tensor, size: Tensor | None) -> Tuple[Tensor, Tensor]:
@@ -147,14 +182,20 @@ class ToMe(ReductionMethod):
         return NO_REQUEST
 
     def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
-        if self.r[i] <= 0:
+        t, p = state.num_tokens, state.num_protected
+        r = min(self.r[i], (t - p) // 2)
+        if r <= 0:
             return state
-        merge, used = bipartite_soft_matching(res.metric, self.r[i], state.num_protected)
-        if used == 0:
-            return state
+        flat, out_len = merge_plan(res.metric, r, p)
         if state.source is not None:
-            state.source = merge(state.source, mode="amax")
-        state.x, state.size = merge_wavg(merge, state.x, state.size)
+            state.source = merge_rows(state.source, flat, out_len, "amax")
+        # size-weighted average: sum(size * x) / sum(size); sizes start at 1 (x * 1 is x)
+        size = state.size
+        total = merge_rows(state.x if size is None else state.x * size, flat, out_len)
+        if size is None:
+            size = state.x.new_ones(state.x.shape[0], t, 1)
+        state.size = merge_rows(size, flat, out_len)
+        state.x = total / state.size
         return state
 
     def extra_repr(self) -> str:
