@@ -82,6 +82,12 @@ BAD = [
     (["optim.backbone_freeze_epochs=0.5"], "optim.backbone_freeze_epochs=0.5"),
     (["optim.frozen_params=[1]"], "optim.frozen_params=[1]"),
     (["+optim.lrr=1"], "optim.lrr=1"),
+    (["optim.name=adamx"], "optim.name=adamx"),
+    (["optim.sched=linear"], "optim.sched=linear"),
+    (["optim=sgd", "+optim.betas=[0.9,0.99]"], "optim.betas=[0.9,0.99]"),  # SGD takes no betas
+    (["+optim.momentum=0.9"], "optim.momentum=0.9"),  # AdamW takes no momentum
+    (["optim=sgd", "optim.momentum=1.0"], "optim.momentum=1.0"),
+    (["+optim.amsgradd=true"], "optim.amsgradd=true"),  # not an argument of AdamW
     # distill, ema
     (["distill.type=kl"], "distill.type=kl"),
     (["distill.weight=-1"], "distill.weight=-1"),
@@ -95,6 +101,9 @@ BAD = [
     (["profile.batch_size=0"], "profile.batch_size=0"),
     (["profile.device=gpu"], "profile.device=gpu"),
     (["profile.device=cuda:x"], "profile.device=cuda:x"),
+    (["profile.rounds=0"], "profile.rounds=0"),
+    (["profile.iters=0"], "profile.iters=0"),
+    (["profile.warmup=-1"], "profile.warmup=-1"),
     # top level
     (["seed=-1"], "seed=-1"),
     (["seed=1.5"], "seed=1.5"),
@@ -109,6 +118,9 @@ BAD = [
     (["optimized_metric=5"], "optimized_metric=5"),
     (["optimized_metric=[student_val_top1]"], "optimized_metric=[student_val_top1]"),
     (["+seeed=1"], "seeed=1"),
+    (["threads=0"], "threads=0"),
+    (["threads=two"], "threads=two"),
+    (["model.display_name=''"], "model.display_name=''"),
     # digits data
     (["data.batch_size=0"], "data.batch_size=0"),
     (["data.batch_size=-4"], "data.batch_size=-4"),
@@ -309,6 +321,8 @@ GOOD_CONFIGS = (
     + [[f"logger={lg}"] for lg in _names("logger")] + [["~logger"]]
     + [[f"callbacks={c}"] for c in _names("callbacks")] + [["~callbacks"]]
     + [[f"hparams_search={h}"] for h in _names("hparams_search")]
+    + [[f"optim={o}"] for o in _names("optim")]
+    + [[f"debug={d}"] for d in _names("debug")] + [["model=deit_s", f"debug={d}"] for d in _names("debug")]
     + [["train=false"]]
 )
 
@@ -340,6 +354,9 @@ EDGES = [
     ["trainer.min_epochs=5"], ["trainer.num_sanity_val_steps=-1"], ["trainer.deterministic=warn"],
     ["seed=0"], ["seed=null"], ["seed=4294967295"], ["ckpt_path=last"], ["ckpt_path=/some/last.ckpt"],
     ["optim.warmup_epochs=0.5"], ["optim.lr=1"], ["optim.backbone_lr_scale=0"], ["optim.frozen_params=pos_embed"],
+    ["optim.sched=constant"], ["optim.sched=tanh"], ["optim.name=lamb"], ["+optim.amsgrad=true"],
+    ["optim=sgd", "+optim.nesterov=false"], ["optim=sgd", "optim.momentum=0"], ["optim=sgd", "optim.name=momentum"],
+    ["threads=1"], ["threads=null"], ["profile.rounds=1", "profile.iters=1", "profile.warmup=0"],
     ["ema.enabled=true", "ema.decay=0.9999"],
     ["ema.enabled=true", "callbacks.model_checkpoint.monitor=val/ema_top1"],
     ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"],

@@ -300,3 +300,16 @@ def test_folder_loader_resumes_with_the_same_random_augmentation(tmp_path, monke
     resumed.load_state_dict(state)
     torch.manual_seed(7)  # RandAugment / random erasing draw from their items' seeds, not from here
     assert _same(_batches(resumed, 3), rest)
+
+
+def test_randaugment_posterize_at_full_magnitude_gives_a_black_image():
+    """DeiT's RandAugment (rand-m9-mstd0.5-inc1) samples magnitude 10 now and then; PosterizeIncreasing
+    then keeps 0 bits. Pillow < 13 answers with a black image; Pillow 13 raises, which would end an
+    ImageNet epoch at random (pyproject.toml keeps pillow < 13)."""
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    img = Image.fromarray((np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3))
+    out = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(img)
+    assert np.asarray(out).max() == 0

@@ -90,7 +90,7 @@ def evaluate_checkpoint(ckpt: str, cache: Path):
 
 
 def check_ddp_run(run_dir: Path, out: str, single: dict, cache: Path, world: int, accumulate: int):
-    assert out.count("=== summary") == 1, "only the global rank 0 prints / writes the summary"
+    assert out.count("student vs teacher") == 1, "only the global rank 0 prints / writes the summary"
     assert "find_unused_parameters" not in out and "unused parameters" not in out
     summary = json.loads((run_dir / "summary.json").read_text())
     # the frozen teacher saw the same 990 images: exactly the single-process value

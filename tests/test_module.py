@@ -253,9 +253,13 @@ def test_ema_follows_the_student_outside_the_optimizer():
     in_opt = {id(p) for g in m.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
     assert not ema_params & in_opt and all(not p.requires_grad for p in m.ema.parameters())
     before = m.ema.module.head.weight.clone()
-    with torch.no_grad():
-        m.student.head.weight.add_(1.0)
-    m.on_train_batch_end(None, None, 0)
+
+    def closure():  # stands for the training step: the student's weights move
+        with torch.no_grad():
+            m.student.head.weight.add_(1.0)
+
+    # the EMA moves inside optimizer_step (so a step checkpoint written after it holds the update)
+    m.optimizer_step(0, 0, torch.optim.SGD(m.student.parameters(), lr=0.0), closure)
     expected = 0.5 * before + 0.5 * m.student.head.weight
     assert torch.allclose(m.ema.module.head.weight, expected, atol=1e-6)
     assert m.ema.module.reduction.name == "tome"  # the EMA copy is reduced like the student
@@ -310,3 +314,49 @@ def test_ema_weights_are_saved_apart_with_plain_student_names_and_restored_on_re
     other.load_state_dict(ckpt["state_dict"], strict=True)  # Lightning's resume
     for k, v in m.ema.module.state_dict().items():
         assert torch.equal(other.ema.module.state_dict()[k], v), k
+
+
+def test_optimizer_and_schedule_are_timm_config_choices():
+    """optim.name / optim.sched pick timm's optimizer and scheduler; the parameter groups, lr scaling
+    and per-group lr_scale stay the project's."""
+    optim = {"name": "sgd", "momentum": 0.8, "lr": 0.1, "sched": "constant", "warmup_epochs": 1,
+             "backbone_lr_scale": 0.5}
+    m = fake_trainer(make(optim=optim, batch_size=64), steps=100, epochs=10)
+    conf = m.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert type(opt) is torch.optim.SGD and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.8
+    assert "betas" not in opt.defaults  # AdamW's settings do not reach SGD
+    sched.step_update(num_updates=50)  # after the 10 warmup steps: constant
+    peak = 0.1 * 64 / 512
+    assert {g["group"] for g in opt.param_groups} == {"backbone"}  # ToMe adds no modules
+    assert all(g["lr"] == pytest.approx(peak * 0.5) for g in opt.param_groups)
+    with pytest.raises(ReductionConfigError, match="optim.sched"):
+        fake_trainer(make(optim={"sched": "linear"})).configure_optimizers()
+
+
+def test_checkpoint_hyperparameters_say_what_the_student_is_and_load_weights_only(tmp_path):
+    model_cfg = dict(TINY)
+    m = ReductionModule(backbone(), method="tome", method_params={"r": 2}, num_classes=10, model=model_cfg,
+                        method_config={"name": "tome", "params": {"r": 2}}, optim={"lr": 1e-3})
+    hp = dict(m.hparams)
+    assert "student" not in hp and hp["model"] == model_cfg and hp["method"] == "tome"
+    assert hp["reduction"] == {"method": "tome", "settings": repr(m.student.reduction)}
+    path = tmp_path / "hp.ckpt"
+    torch.save({"hyper_parameters": hp}, path)
+    assert torch.load(path, weights_only=True)["hyper_parameters"] == hp
+
+
+def test_accuracies_are_metric_objects_logged_in_percent():
+    m = make().eval()
+    m._trainer = SimpleNamespace(sanity_checking=False)
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    m.on_validation_epoch_start()
+    x, y = batch(8)
+    m.validation_step((x, y), 0)
+    assert logged["val/top1"] is m.val_top1 and logged["val/teacher_top1"] is m.teacher_top1
+    m.on_validation_epoch_end()
+    with torch.no_grad():
+        expected = 100.0 * (m.teacher(x).argmax(1) == y).float().mean().item()
+    assert m.teacher_val_top1 == pytest.approx(expected)
+    assert float(m.val_top1.compute()) == pytest.approx(100.0 * (m.student(x).argmax(1) == y).float().mean().item())

@@ -185,9 +185,7 @@ def _metrics(run_dir: Path) -> list:
 
 
 def _check_exact(runs: dict, name: str) -> None:
-    """`name` ends as the reference: weights, optimizer, scheduler, EMA, metrics.csv, summary.json. The
-    EMA is compared last and xfails while the module updates it after the step checkpoint is written
-    (see the report: ReductionModule must update the EMA in optimizer_step)."""
+    """`name` ends as the reference: weights, optimizer, scheduler, EMA, metrics.csv, summary.json."""
     ref_dir, run_dir = runs["reference"]["dir"], runs[name]["dir"]
     ref, got = _final(ref_dir), _final(run_dir)
     diff = _max_diff(ref["state_dict"], got["state_dict"])
@@ -214,9 +212,9 @@ def _check_exact(runs: dict, name: str) -> None:
         {k: v for k, v in summary_got.items() if k not in paths and "ema" not in k}
 
     ema_diff = _max_diff(ref["state_dict_ema"], got["state_dict_ema"])
-    if ema_diff > 0 or rows_ref != rows_got or summary_ref["ema_val_top1"] != summary_got["ema_val_top1"]:
-        pytest.xfail(f"{name}: EMA weights differ by {ema_diff:.3g}: the module updates its EMA in on_train_batch_end, "
-                     "after the step checkpoint is written; a resumed run misses that update")
+    assert ema_diff == 0, f"{name}: EMA weights differ from the uninterrupted run's by up to {ema_diff:.3g}"
+    assert rows_ref == rows_got, f"{name}: metrics.csv (EMA columns) differs from the uninterrupted run's"
+    assert summary_ref["ema_val_top1"] == summary_got["ema_val_top1"]
 
 
 def test_sigkill_mid_epoch_then_resume_ends_as_the_uninterrupted_run(exact_runs):

@@ -19,6 +19,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .folder import validation_sampler
+
 # mean / std of these 5,000 digits' pixels in [0, 1] (computed once, rounded; close to full MNIST's)
 DIGITS_MEAN = 0.1307
 DIGITS_STD = 0.3081
@@ -133,4 +135,6 @@ class DigitsDataModule(L.LightningDataModule):
         return resumable_loader(self.train_set, self.batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+        # under DDP an unpadded per-rank split (every image counted once), else the plain order
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False,
+                          sampler=validation_sampler(self.val_set), num_workers=self.num_workers)

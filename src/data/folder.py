@@ -34,7 +34,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,16 @@ class SeededItems(Dataset):
             torch.random.set_rng_state(saved[2])
 
 
+def validation_sampler(dataset) -> Optional[Sampler]:
+    """The sampler of an exact validation loader: under DDP (a process group with more than one rank)
+    an unpadded per-rank split in order, otherwise None (the DataLoader's own sequential order). Call
+    it in `val_dataloader()`: `DataLoader(dataset, sampler=validation_sampler(dataset), shuffle=False, ...)`."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
+                                        shuffle=False)
+
+
 def resumable_loader(dataset, batch_size: int, num_workers: int = 0, seed: Optional[int] = None,
                      pin_memory: bool = False, persistent_workers: bool = False):
     """The training DataLoader: a torchdata `StatefulDataLoader` (Lightning saves its `state_dict()` in
@@ -324,5 +335,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                                 pin_memory=True, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
+        # under DDP an unpadded per-rank split (every image counted once), else the plain order
         return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False,
-                          num_workers=self.num_workers, pin_memory=True, persistent_workers=self.num_workers > 0)
+                          sampler=validation_sampler(self.val_set), num_workers=self.num_workers,
+                          pin_memory=True, persistent_workers=self.num_workers > 0)

@@ -187,6 +187,16 @@ def _augment_ok(v) -> bool:
     return True
 
 
+def _optimizer_ok(v) -> bool:
+    from timm.optim import list_optimizers
+
+    return isinstance(v, str) and v.lower() in list_optimizers()
+
+
+OPTIMIZER = Rule("a timm optimizer name (timm.optim.list_optimizers(): adamw, sgd, momentum, lamb, lion, "
+                 "adopt, ...)", _optimizer_ok)
+
+
 AUGMENT = Rule("a timm augmentation policy: rand-m<magnitude>[-n<ops>-mstd<std>-inc1] (RandAugment), "
                "augmix-m<m>-w<w>-d<d>, or original / originalr / v0 / v0r / 3a (AutoAugment)", _augment_ok)
 
@@ -200,15 +210,18 @@ TOP: Dict[str, Spec] = {
     "seed": (NULL | integer(0, 2 ** 32 - 1), "numpy's seed range; null: not seeded"),
     "ckpt_path": (NULL | TEXT, "last, or the path of a Lightning checkpoint to resume"),
     "optimized_metric": NULL | TEXT | list_of(TEXT, min_len=2),
+    "threads": (NULL | POS_INT, "torch's CPU threads; null: torch's default (one per core)"),
     # groups (checked below)
     "optim": MAPPING, "distill": MAPPING, "ema": MAPPING, "profile": MAPPING, "model": MAPPING,
     "method": MAPPING, "schedule": NULL | MAPPING, "data": MAPPING, "trainer": MAPPING,
     "logger": NULL | MAPPING, "callbacks": NULL | MAPPING, "paths": MAPPING, "budget": NULL | MAPPING,
-    "hydra": MAPPING,
+    "hydra": MAPPING, "compile": MAPPING,
 }
 
 GROUPS: Dict[str, Dict[str, Spec]] = {
-    "optim": {
+    "optim": {  # conf/optim/<name>.yaml; keys without a rule here are checked against the optimizer's signature
+        "name": (OPTIMIZER, "choose one with optim=adamw|sgd or set optim.name"),
+        "sched": (one_of("cosine", "tanh", "constant"), "timm's schedulers, stepped per optimizer step"),
         "lr": (POS_NUM, "the peak learning rate for optim.lr_base_batch images, scaled by the global batch"),
         "lr_base_batch": (POS_INT, "the global batch optim.lr is given for"),
         "weight_decay": (NONNEG_NUM, "AdamW's decoupled weight decay"),
@@ -217,6 +230,8 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
         "warmup_epochs": (NONNEG_NUM, "linear warmup length in epochs; fractions allowed"),
         "betas": (list_of(num(0, 1, hi_open=True), length=2), "AdamW's [beta1, beta2]"),
         "eps": (POS_NUM, "AdamW's epsilon"),
+        "momentum": (num(0, 1, hi_open=True), "SGD's momentum"),
+        "nesterov": BOOL,
         "backbone_lr_scale": (NONNEG_NUM, "the backbone's lr relative to the method's new modules"),
         "backbone_freeze_epochs": (NONNEG_INT, "first epochs with the backbone at lr 0"),
         "frozen_params": (NULL | TEXT | list_of(TEXT), "student parameter names or module prefixes never trained"),
@@ -230,10 +245,19 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
         "enabled": BOOL,
         "decay": (num(0, 1, lo_open=True, hi_open=True), "the old average's weight per step, e.g. 0.9998"),
     },
+    "compile": {
+        "enabled": BOOL,
+        "mode": (NULL | one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                 "torch.compile's mode; null: its default"),
+        "backend": (TEXT, "torch.compile's backend: inductor, or aot_eager / eager to check the capture quickly"),
+    },
     "profile": {
         "enabled": BOOL,
         "batch_size": (POS_INT, "the batch of the throughput measurement"),
         "device": (DEVICE_NAME, "auto: cuda when the trainer uses it, else cpu"),
+        "warmup": (NONNEG_INT, "untimed batches per model before the timing"),
+        "rounds": (POS_INT, "alternating timing rounds; the median round counts"),
+        "iters": (POS_INT, "batches per model and round"),
     },
     "budget": {  # hparams_search=gmacs_budget_optuna
         "gmacs": (NULL | POS_NUM, "an absolute GMACs budget"),
@@ -242,6 +266,8 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
     },
     "model": {
         "name": (TEXT, "a timm model name"),
+        "display_name": (NULL | TEXT, "what summaries call the model when model.name is only the timm class "
+                                      "it is built from"),
         "pretrained": (BOOL, "timm's pretrained weights"),
         "checkpoint": (NULL | TEXT, "a local weights file"),
         "checkpoint_ema": (BOOL, "true: load the checkpoint's EMA weights"),
@@ -507,9 +533,23 @@ def _check_instantiated(node: Any, path: str) -> None:
                 what=f"{cls.__name__}")
 
 
+def _optimizer_keys(node: Any) -> set:
+    """The keyword arguments of the chosen timm optimizer (other optim keys go to it)."""
+    name = node.get("name", "adamw") if isinstance(node, DictConfig) else "adamw"
+    if not OPTIMIZER.ok(name):
+        return set()  # the name's own rule reports it
+    from timm.optim import get_optimizer_info
+
+    return _signature_keys(get_optimizer_info(name.lower()).opt_class)[0] - {"params", "lr", "weight_decay"}
+
+
 def _check_groups(cfg: DictConfig) -> None:
     _check_node(cfg, "", TOP, what="the training config")
-    for group in ("optim", "distill", "ema", "profile", "budget", "model", "method"):
+    optim = cfg.get("optim")
+    if isinstance(optim, DictConfig):
+        _check_node(optim, "optim", GROUPS["optim"], known=set(GROUPS["optim"]) | _optimizer_keys(optim),
+                    what="optim")
+    for group in ("distill", "ema", "compile", "profile", "budget", "model", "method"):
         _check_node(cfg.get(group), group, GROUPS[group])
     model = cfg.get("model")
     if isinstance(model, DictConfig):
@@ -576,6 +616,17 @@ def _check_cross(cfg: DictConfig) -> None:
         if not (devices == "auto" or (_is_int(devices) and devices >= 1)):
             _fail(f"trainer.devices={_fmt(devices)} must be an integer >= 1 or auto with trainer.accelerator=cpu "
                   "(processes on this machine; device lists are for GPUs)")
+
+    # optimizer: settings the chosen optimizer does not take (timm would drop them silently)
+    name = _val(cfg, "optim.name", "adamw")
+    if OPTIMIZER.ok(name):
+        from timm.optim import get_optimizer_info
+
+        info = get_optimizer_info(name.lower())
+        for key, has in (("betas", info.has_betas), ("eps", info.has_eps), ("momentum", info.has_momentum)):
+            if _val(cfg, f"optim.{key}") is not None and not has:
+                _fail(f"optim.{key}={_fmt(_val(cfg, f'optim.{key}'))} cannot be used with optim.name={name} "
+                      f"({info.description}); remove it (~optim.{key}) or choose an optimizer that takes it")
 
     # data <-> model
     for key in ("img_size", "in_chans"):

@@ -2,20 +2,26 @@
 
 Lightning gives every validation DataLoader a `DistributedSampler`, which *pads* the dataset to a
 multiple of the world size by repeating its first samples: with 1,001 images on 2 ranks one image is
-counted twice and top-1 differs from the single-process value. `unpadded_validation` makes the
-datamodule's validation loader use Lightning's `UnrepeatedDistributedSampler` instead (rank r gets
-samples r, r + W, r + 2W, ...; ranks may differ by one sample, nothing repeated, nothing missed).
-Lightning keeps a sampler that already is a `DistributedSampler`, and the torchmetrics accuracies sum
-their counts over ranks at `compute()`, so the DDP top-1 equals the single-process top-1 exactly.
-Validation runs no gradient sync, so ranks with one batch more or less cannot hang.
+counted twice and top-1 differs from the single-process value. The validation loader should use
+Lightning's `UnrepeatedDistributedSampler` instead (rank r gets samples r, r + W, r + 2W, ...; ranks
+may differ by one sample, nothing repeated, nothing missed). Lightning keeps a sampler that already is
+a `DistributedSampler`, and the torchmetrics accuracies sum their counts over ranks at `compute()`,
+so the DDP top-1 equals the single-process top-1 exactly. Validation runs no gradient sync, so ranks
+with one batch more or less cannot hang.
+
+A DataModule gets this by building its validation loader with `src.data.folder.validation_sampler(dataset)` (the
+sampler itself, chosen when Lightning calls `val_dataloader()`, after the process group exists).
+`unpadded_validation(datamodule)` does the same from outside for a DataModule that does not (it
+wraps `val_dataloader`); for one that does, it changes nothing.
 """
 from __future__ import annotations
 
 import os
 
 import torch.distributed as dist
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+from src.data.folder import validation_sampler
 
 
 def is_global_zero() -> bool:
@@ -32,22 +38,23 @@ def is_global_zero() -> bool:
 
 def unpadded_loader(loader: DataLoader) -> DataLoader:
     """`loader` with its sequential sampler replaced by an unpadded per-rank split, when a process
-    group with more than one rank is running; otherwise `loader` itself."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    group with more than one rank is running; otherwise (or when it already splits by rank, e.g.
+    built with `validation_sampler`) `loader` itself."""
+    if validation_sampler(loader.dataset) is None or isinstance(loader.sampler, DistributedSampler):
         return loader
     if not isinstance(loader.sampler, SequentialSampler):
         raise TypeError(f"validation loader must be sequential (shuffle=False) to split it exactly across ranks, "
                         f"got sampler {type(loader.sampler).__name__}")
-    sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
-                                           shuffle=False)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=False,
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=validation_sampler(loader.dataset),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=False,
                       persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False)
 
 
 def unpadded_validation(datamodule):
     """Wrap `datamodule.val_dataloader` (called by Lightning after the process group is set up) so
-    validation splits the data across ranks without padding. Returns the datamodule."""
+    validation splits the data across ranks without padding. Returns the datamodule. For a DataModule
+    whose loader already uses `validation_sampler` the wrapper returns its loader unchanged (and is
+    no longer needed once every DataModule of the project does)."""
     original = datamodule.val_dataloader
 
     def val_dataloader():

@@ -11,6 +11,15 @@ always in eval mode, without gradients, outside the optimizer and outside checkp
 dropped on save and refilled from the live teacher on load). With ``ema.enabled`` the EMA weights are
 saved under the checkpoint's top-level ``state_dict_ema`` with plain student key names (timm's
 convention; ``model.checkpoint_ema=true`` loads them). Accuracies are logged in percent.
+
+The ecosystem's tools do the generic parts: timm's ``mixup_target`` (smoothed one-hot targets),
+``param_groups_weight_decay`` (which parameters decay), ``create_optimizer_v2`` (any timm optimizer by
+name: ``optim=adamw|sgd``) and ``create_scheduler_v2`` (cosine / tanh / constant with warmup, per step,
+honouring each group's ``lr_scale``); the accuracies are torchmetrics objects logged as such (Lightning
+computes, syncs and resets them). ``save_hyperparameters`` records in every checkpoint which model,
+method and settings it holds (plain containers, so ``torch.load(weights_only=True)`` reads it).
+Kept by hand, with the reason beside it: DeiT's distillation normalisation, the split of the
+parameters into the method's new modules and the backbone, and the teacher-free checkpoints.
 """
 from __future__ import annotations
 
@@ -20,7 +29,10 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.models.backbone import apply_method, is_patchable
@@ -29,6 +41,11 @@ from src.models.reduction.base import unreduced_copy
 
 Tensor = torch.Tensor
 DISTILL_TYPES = ("none", "soft", "hard")
+OPTIM_SCHEDULES = ("cosine", "tanh", "constant")  # timm create_scheduler_v2 names that need no extra settings
+# optim keys this module reads itself; every other key of the optim config is an argument of the
+# optimizer (betas and eps of AdamW, momentum of SGD, ...)
+OPTIM_KEYS = ("name", "lr", "lr_base_batch", "weight_decay", "sched", "min_lr", "warmup_lr", "warmup_epochs",
+              "backbone_lr_scale", "backbone_freeze_epochs", "frozen_params")
 
 
 EMA_PREFIX = "ema.module."  # the EMA copy's keys inside the LightningModule's state dict
@@ -54,9 +71,26 @@ def distillation_loss(kind: str, student: Tensor, teacher: Tensor, tau: float) -
 
 
 def soft_targets(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
-    """One-hot targets with label smoothing, the form timm's Mixup produces."""
-    off = smoothing / num_classes
-    return torch.full((y.shape[0], num_classes), off, device=y.device).scatter_(1, y[:, None], 1.0 - smoothing + off)
+    """One-hot targets with label smoothing: timm's `mixup_target` without mixing (lam=1), the form
+    timm's Mixup produces, so the loss is the same with and without mixup."""
+    return mixup_target(y, num_classes, lam=1.0, smoothing=smoothing)
+
+
+class PercentAccuracy(MulticlassAccuracy):
+    """torchmetrics' accuracy in percent (the unit of every accuracy this project logs and reports)."""
+
+    def compute(self) -> Tensor:
+        return 100.0 * super().compute()
+
+
+class _Named:
+    """What timm's `param_groups_weight_decay` reads of a model: its named parameters (here a subset)."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def named_parameters(self):
+        return iter(self.items)
 
 
 def freeze_parameters(model: nn.Module, names) -> None:
@@ -84,13 +118,20 @@ class ReductionModule(L.LightningModule):
     ``build_model`` returns it; the teacher is its unreduced copy. `method` / `method_params`, when
     given, apply a method to `student` here first (Python use, tests); an unpatched timm ViT gets
     method none. `optim`, `distill`, `ema`, `mixup` are the config nodes of the same names (plain
-    dicts). `batch_size` is the per-device batch used for the learning-rate scaling.
+    dicts). `batch_size` is the per-device batch used for the learning-rate scaling. `model` (the
+    model config), `method_config` (method name and params as configured) and `schedule` only go
+    into the checkpoint's hyper-parameters, to say what it holds; all must be plain containers.
     """
 
     def __init__(self, student: nn.Module, method: Optional[str] = None, method_params: Optional[Mapping] = None,
                  num_classes: int = 1000, optim: Optional[Mapping] = None, distill: Optional[Mapping] = None,
-                 ema: Optional[Mapping] = None, mixup: Optional[Mapping] = None, batch_size: int = 64):
+                 ema: Optional[Mapping] = None, mixup: Optional[Mapping] = None, batch_size: int = 64,
+                 model: Optional[Mapping] = None, method_config: Optional[Mapping] = None,
+                 schedule: Optional[Mapping] = None):
         super().__init__()
+        # the checkpoint's "hyper_parameters": every argument but the student (its weights are the
+        # state dict); not sent to the loggers, which get the whole resolved config from run()
+        self.save_hyperparameters(ignore=["student"], logger=False)
         self.optim_cfg = dict(optim or {})
         self.distill_cfg = dict(distill or {})
         self.mixup_cfg = dict(mixup or {})
@@ -98,6 +139,9 @@ class ReductionModule(L.LightningModule):
         if method is not None or (is_patchable(student) and getattr(student, "reduction", None) is None):
             student = apply_method(student, method or "none", method_params)
         self.method = getattr(getattr(student, "reduction", None), "name", "none")
+        # what the student holds, also when it arrived reduced: the method and its resolved settings
+        self.hparams["reduction"] = {"method": self.method,
+                                     "settings": repr(getattr(student, "reduction", None) or "none")}
         self.num_classes, self.batch_size = int(num_classes), int(batch_size)
         self.distill_type = self.distill_cfg.get("type", "none")
         if self.distill_type not in DISTILL_TYPES:
@@ -123,7 +167,7 @@ class ReductionModule(L.LightningModule):
 
             self.ema = ModelEmaV3(self.student, decay=float(self.ema_cfg.get("decay", 0.9998)))
             self.ema.requires_grad_(False)
-        metric = lambda k: MulticlassAccuracy(num_classes=self.num_classes, top_k=k, average="micro")  # noqa: E731
+        metric = lambda k: PercentAccuracy(num_classes=self.num_classes, top_k=k, average="micro")  # noqa: E731
         self.val_top1, self.val_top5 = metric(1), metric(min(5, self.num_classes))
         self.teacher_top1, self.ema_top1 = metric(1), metric(1)
         self.teacher_val_done = False  # the teacher's val accuracy is computed once per run
@@ -192,9 +236,13 @@ class ReductionModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # The EMA follows each optimizer step inside the step itself: Lightning writes step checkpoints
+        # in on_train_batch_end, so an update there would be missing from the checkpoint and a resumed
+        # run's EMA would differ from the uninterrupted run's.
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update(self.student, step=self.global_step)
+            self.ema.update(self.student, step=self.global_step + 1)
 
     def _log_method_metrics(self, state, stage: str) -> None:
         for name, value in self.student.reduction.metrics(state).items():
@@ -210,28 +258,25 @@ class ReductionModule(L.LightningModule):
         x, y = batch
         logits, state = self.run_model(self.student, x, self.tokens_api)
         self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        # metric objects: Lightning computes them at the epoch end (summed over DDP ranks) and resets them
         self.val_top1.update(logits, y)
         self.val_top5.update(logits, y)
+        self.log("val/top1", self.val_top1, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/top5", self.val_top5, on_step=False, on_epoch=True)
         if state is not None:
             self._log_method_metrics(state, "val")
         if self._teacher_this_epoch:
             self.teacher_top1.update(self.teacher(x), y)
+            self.log("val/teacher_top1", self.teacher_top1, on_step=False, on_epoch=True)
         if self.ema is not None:
             self.ema_top1.update(self.ema.module(x), y)
+            self.log("val/ema_top1", self.ema_top1, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/top1", 100.0 * self.val_top1.compute(), prog_bar=True, sync_dist=True)
-        self.log("val/top5", 100.0 * self.val_top5.compute(), sync_dist=True)
-        self.val_top1.reset()
-        self.val_top5.reset()
         if self._teacher_this_epoch:
-            self.teacher_val_top1 = 100.0 * float(self.teacher_top1.compute())
-            self.log("val/teacher_top1", self.teacher_val_top1, sync_dist=True)
-            self.teacher_top1.reset()
+            # the summary's number (compute() is cached: Lightning's own compute returns the same value)
+            self.teacher_val_top1 = float(self.teacher_top1.compute())
             self.teacher_val_done = True
-        if self.ema is not None:
-            self.log("val/ema_top1", 100.0 * self.ema_top1.compute(), sync_dist=True)
-            self.ema_top1.reset()
 
     # --- optimisation --------------------------------------------------------------------------
     def effective_lr(self) -> float:
@@ -241,45 +286,51 @@ class ReductionModule(L.LightningModule):
         return float(self.optim_cfg.get("lr", 5e-4)) * global_batch / float(self.optim_cfg.get("lr_base_batch", 512))
 
     def param_groups(self, weight_decay: float) -> List[dict]:
-        """Method modules at full lr, the backbone at backbone_lr_scale; no decay on biases, norms,
-        position embeddings and special tokens (timm's rule: ndim <= 1 or in no_weight_decay())."""
+        """Method modules at full lr, the backbone at backbone_lr_scale (this split is ours: timm has
+        no notion of a method's new modules); within each part timm's `param_groups_weight_decay` says
+        what decays (not biases, norms, 1-d parameters or the model's no_weight_decay(): position
+        embeddings and special tokens). Frozen parameters (requires_grad False) are left out."""
         reduction = getattr(self.student, "reduction", None)
         new = set(reduction.new_module_names()) if reduction is not None else set()
-        skip = set(self.student.no_weight_decay()) if hasattr(self.student, "no_weight_decay") else set()
-        groups: Dict[tuple, List[nn.Parameter]] = {}
+        skip = sorted(self.student.no_weight_decay()) if hasattr(self.student, "no_weight_decay") else []
+        parts: Dict[str, list] = {"backbone": [], "new": []}
         for name, p in self.student.named_parameters():
-            if not p.requires_grad:
-                continue
-            part = "new" if name.split(".")[0] in new else "backbone"
-            decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
-            groups.setdefault((part, decay), []).append(p)
-        return [
-            {"params": ps, "weight_decay": weight_decay if decay else 0.0, "group": part,
-             "lr_scale": self._lr_scale(part, epoch=0)}
-            for (part, decay), ps in sorted(groups.items(), key=lambda kv: kv[0])
-        ]
+            parts["new" if name.split(".")[0] in new else "backbone"].append((name, p))
+        groups = []
+        for part, named in parts.items():
+            for group in param_groups_weight_decay(_Named(named), weight_decay=weight_decay,
+                                                   no_weight_decay_list=skip):
+                groups.append({**group, "group": part, "lr_scale": self._lr_scale(part, epoch=0)})
+        return groups
 
     def _lr_scale(self, part: str, epoch: int) -> float:
         if part == "new":
             return 1.0
         if epoch < int(self.optim_cfg.get("backbone_freeze_epochs", 0)):
-            return 0.0  # frozen: AdamW with lr 0 changes nothing (decay is lr-scaled too)
+            return 0.0  # frozen: lr 0 changes nothing (AdamW's decoupled decay is lr-scaled too)
         return float(self.optim_cfg.get("backbone_lr_scale", 1.0))
 
     def configure_optimizers(self):
-        from timm.scheduler import CosineLRScheduler
-
-        wd = float(self.optim_cfg.get("weight_decay", 0.05))
-        lr = self.effective_lr()
-        optimizer = torch.optim.AdamW(self.param_groups(wd), lr=lr, betas=tuple(self.optim_cfg.get("betas", (0.9, 0.999))),
-                                      eps=float(self.optim_cfg.get("eps", 1e-8)))
+        """timm's optimizer factory (optim.name: adamw, sgd, lamb, ...; the other optim keys that are not
+        ours go to the optimizer) and scheduler factory, stepped per optimizer step: the schedule's
+        unit is one step (updates_per_epoch=1), so warmup and cosine are exact for any epoch length."""
+        cfg = self.optim_cfg
+        wd = float(cfg.get("weight_decay", 0.05))
+        kwargs = {k: (tuple(v) if k == "betas" else v) for k, v in cfg.items() if k not in OPTIM_KEYS}
+        kwargs.setdefault("betas", (0.9, 0.999))
+        kwargs.setdefault("eps", 1e-8)  # both dropped by timm for optimizers without them (SGD)
+        optimizer = create_optimizer_v2(self.param_groups(wd), opt=str(cfg.get("name", "adamw")),
+                                        lr=self.effective_lr(), weight_decay=wd, **kwargs)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = total / max(1, int(self.trainer.max_epochs or 1))
-        warmup = int(round(float(self.optim_cfg.get("warmup_epochs", 0)) * per_epoch))
-        scheduler = CosineLRScheduler(
-            optimizer, t_initial=total, lr_min=float(self.optim_cfg.get("min_lr", 1e-5)),
-            warmup_t=warmup, warmup_lr_init=float(self.optim_cfg.get("warmup_lr", 1e-6)),
-            warmup_prefix=False, t_in_epochs=False,
+        sched = str(cfg.get("sched", "cosine"))
+        if sched not in OPTIM_SCHEDULES:
+            raise ReductionConfigError(f"optim.sched must be one of {OPTIM_SCHEDULES}, got {sched!r}")
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=sched, num_epochs=total, step_on_epochs=False, updates_per_epoch=1,
+            warmup_epochs=int(round(float(cfg.get("warmup_epochs", 0)) * per_epoch)),
+            warmup_lr=float(cfg.get("warmup_lr", 1e-6)), min_lr=float(cfg.get("min_lr", 1e-5)),
+            warmup_prefix=False,  # DeiT's and timm's convention: the cosine spans all steps, warmup included
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -313,4 +364,5 @@ class ReductionModule(L.LightningModule):
                 sd.setdefault(f"{EMA_PREFIX}{k}", saved.get(k, v))
 
 
-__all__ = ["ReductionModule", "distillation_loss", "freeze_parameters", "reduce_backbone", "soft_targets", "is_patchable"]
+__all__ = ["PercentAccuracy", "ReductionModule", "distillation_loss", "freeze_parameters", "reduce_backbone",
+           "soft_targets", "is_patchable"]

@@ -3,9 +3,15 @@
     check data -> build backbone (train/cache the quickstart teacher first if needed) -> resolve the
     method's parameters -> LightningModule -> profile (GMACs, throughput) -> fit / validate -> summary
 
-Every user error (bad method parameters, missing weights or data, a checkpoint for another model) is
-raised before the trainer starts, as one of USER_ERRORS, which the entry points print without a
-stack trace.
+Every user error (bad method parameters, missing weights or data, a checkpoint for another model, a
+callback that cannot work with the model) is raised before the trainer starts, as one of
+USER_ERRORS, which the entry points print without a stack trace.
+
+What the run prints is meant to be read: one log line per phase (with the time it will take where it
+is long), Lightning's tips and bookkeeping lines filtered out (`NoiseFilter`, installed on Hydra's
+handlers by conf/hydra/default.yaml), warnings nobody can act on silenced by message
+(`quiet_third_party`), Lightning's model summary replaced by one line with our counted GMACs, and at
+the end a small table: teacher vs student top-1, GMACs and images/s, and the run folder.
 """
 from __future__ import annotations
 
@@ -13,12 +19,16 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.data import DataError
@@ -28,13 +38,80 @@ from src.models.reduction import ReductionConfigError
 from src.models.weights import WeightsError
 
 from .callbacks import finish_wandb, prepare_wandb, token_images_callback
-from .config_check import check_values
+from .config_check import ConfigValueError, check_values
 from .distributed import is_global_zero, unpadded_validation
 from .module import ReductionModule, freeze_parameters
 
 log = logging.getLogger(__name__)
 
 USER_ERRORS = (ReductionConfigError, WeightsError, BackboneError, DataError)
+
+
+# --- output a person wants to read ------------------------------------------------------------------
+# Lightning's log lines that say nothing a user of this project can act on
+NOISE_LINES = (
+    re.compile(r"💡 Tip: "),  # advertising for litlogger / litmodels
+    re.compile(r"Loading `train_dataloader` to estimate number of stepping batches"),
+    re.compile(r"(TPU|HPU) available: False"),  # "GPU available: ..." stays: it says what the run uses
+)
+# warnings (matched from the start of the message) that no user can act on, and why
+NOISE_WARNINGS = (
+    # the frozen teacher (and an EMA copy) are in eval mode on purpose; the student trains
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # Lightning's own use of a torch API that torch has deprecated
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # pinned memory asked for on a machine without an accelerator: torch skips it, nothing changes
+    r"'pin_memory' argument is set as true but no accelerator is found",
+    # torchdata's StatefulDataLoader calls a deprecated torch function whenever a loader is built
+    # (Lightning rebuilds it for overfit_batches and DDP samplers)
+    r"'set_vital' is deprecated",
+)
+
+
+class NoiseFilter(logging.Filter):
+    """Drops Lightning's NOISE_LINES; conf/hydra/default.yaml puts it on the console and log-file
+    handlers (Hydra's job_logging), so neither the terminal nor train.log shows them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("lightning"):
+            return True
+        message = record.getMessage()
+        return not any(p.search(message) for p in NOISE_LINES)
+
+
+def quiet_third_party() -> None:
+    """Silence the NOISE_WARNINGS (by message only: every other warning still shows)."""
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class PhaseProgress(Callback):
+    """A log line at the end of each training epoch: the validation top-1, the time per epoch and
+    the time left. What the progress bar shows, kept in the run's log file too, and with the bar off
+    (`trainer.enable_progress_bar=false`, batch jobs) the only sign of life."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._start: Optional[float] = None
+        self._first_epoch = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._first_epoch = time.monotonic(), trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self._start is None:
+            return
+        done, total = trainer.current_epoch + 1, int(trainer.max_epochs or 0)
+        per_epoch = (time.monotonic() - self._start) / max(1, done - self._first_epoch)
+        top1, loss = trainer.callback_metrics.get("val/top1"), trainer.callback_metrics.get("train/loss_epoch")
+        log.info("%s: epoch %d/%d%s%s, %s per epoch%s", self.what, done, total,
+                 f", train loss {float(loss):.3f}" if loss is not None else "",
+                 f", val top-1 {float(top1):.2f}%" if top1 is not None else "", _duration(per_epoch),
+                 f", about {_duration(per_epoch * (total - done))} left" if total > done else "")
 
 
 # --- pieces ----------------------------------------------------------------------------------------
@@ -57,10 +134,33 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 def check_config(cfg: DictConfig) -> None:
     """Build the model without weights and apply the method to it, so bad sizes or method
-    parameters fail here, before weights are downloaded or a quickstart teacher is trained."""
+    parameters fail here, before weights are downloaded or a quickstart teacher is trained; then
+    check what the callbacks and loggers need of that model (`check_callbacks`)."""
     skeleton, _ = build_model(plain(cfg.model), cfg.method.name, plain(cfg.method.get("params")),
                               plain(cfg.get("schedule")), weights=False)
     freeze_parameters(skeleton, (plain(cfg.get("optim")) or {}).get("frozen_params") or [])
+    check_callbacks(cfg, skeleton)
+
+
+def check_callbacks(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """Preconditions of the callbacks and loggers, checked on the (weightless) model before any
+    training: the token pictures of logger=wandb (logger.token_images) draw one picture here, so a
+    model they cannot draw fails now with what to do, not at the first picture after an epoch."""
+    logger = cfg.get("logger") or {}
+    # only the token_images node: the loggers' folders resolve from Hydra's run, absent in a bare compose
+    if cfg.train and token_images_callback({"token_images": plain(logger.get("token_images"))}) is not None:
+        from src.models.visualize import visualize_tokens
+
+        img, chans = int(cfg.model.img_size), int(cfg.model.in_chans)
+        try:
+            visualize_tokens(model, torch.zeros(chans, img, img), mean=(0.0,) * chans, std=(1.0,) * chans)
+        except Exception as err:  # anything the callback would hit after the first epoch
+            raise ConfigValueError(
+                f"logger.token_images cannot draw model={cfg.model.name} ({type(model).__name__}): "
+                f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''} "
+                "The token pictures need a timm ViT patched by apply_reduction. Turn them off with "
+                "logger.token_images.enabled=false (W&B still logs every metric), or use a ViT model."
+            ) from None
 
 
 def build_module(cfg: DictConfig, checkpoint: Optional[str] = None) -> ReductionModule:
@@ -72,6 +172,8 @@ def build_module(cfg: DictConfig, checkpoint: Optional[str] = None) -> Reduction
         student, num_classes=int(cfg.model.num_classes),
         optim=plain(cfg.get("optim")), distill=plain(cfg.get("distill")), ema=plain(cfg.get("ema")),
         mixup=plain(cfg.data.get("mixup")), batch_size=int(cfg.data.batch_size),
+        # recorded in the checkpoint (hyper_parameters): which model, method and settings it holds
+        model=plain(cfg.model), method_config=plain(cfg.method), schedule=plain(cfg.get("schedule")),
     )
 
 
@@ -85,6 +187,22 @@ def build_loggers(cfg: DictConfig) -> List[Any]:
     return loggers
 
 
+def compile_models(module: ReductionModule, cfg: DictConfig) -> None:
+    """compile.enabled: torch.compile the student and the frozen teacher in place (src.models.compile:
+    one full graph per mode for a static token schedule). Checkpoints, EMA copies and the parameter
+    names are unchanged; the first training step and the first validation step compile."""
+    ccfg = cfg.get("compile") or {}
+    if not ccfg.get("enabled", False):
+        return
+    from src.models.compile import compile_model
+
+    backend = str(ccfg.get("backend") or "inductor")
+    for model in (module.student, module.teacher):
+        compile_model(model, mode=ccfg.get("mode"), backend=backend)
+    log.info("torch.compile: student and teacher compiled (backend %s, mode %s); the first steps of training "
+             "and validation compile their graphs", backend, ccfg.get("mode") or "default")
+
+
 def build_callbacks(cfg: DictConfig) -> List[Any]:
     callbacks = [hydra.utils.instantiate(c) for _, c in (cfg.get("callbacks") or {}).items()
                  if c is not None and "_target_" in c]
@@ -93,7 +211,11 @@ def build_callbacks(cfg: DictConfig) -> List[Any]:
 
 
 def build_trainer(cfg: DictConfig, loggers: List[Any], callbacks: List[Any]) -> L.Trainer:
-    return hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    # Lightning's model summary counts no FLOPs for these models (a column of zeros beside our
+    # counted GMACs) and lists the metric objects as modules; run() logs one line with parameters
+    # and counted GMACs instead. trainer.enable_model_summary=true brings it back.
+    extra = {} if "enable_model_summary" in cfg.trainer else {"enable_model_summary": False}
+    return hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra)
 
 
 def profile_device(cfg: DictConfig) -> str:
@@ -105,9 +227,13 @@ def profile_device(cfg: DictConfig) -> str:
 
 
 def profile(module: ReductionModule, cfg: DictConfig) -> Dict[str, float]:
-    """Counted GMACs, parameters and side-by-side throughput of student and teacher."""
+    """Counted GMACs, parameters and side-by-side throughput of student and teacher, with a log line
+    per phase (the timing says how long it will take: minutes for DeiT-B on a CPU)."""
     img, chans = int(cfg.model.img_size), int(cfg.model.in_chans)
     device = profile_device(cfg)
+    pcfg = cfg.get("profile") or {}
+    batch = int(pcfg.get("batch_size", 64))
+    warmup, rounds, iters = int(pcfg.get("warmup", 2)), int(pcfg.get("rounds", 8)), int(pcfg.get("iters", 3))
     student, teacher = module.student, module.teacher
     student_gmacs, student_side_gmacs = count_gmacs_split(student, img, chans)
     out = {
@@ -115,17 +241,61 @@ def profile(module: ReductionModule, cfg: DictConfig) -> Dict[str, float]:
         "teacher_gmacs": count_gmacs(teacher, img, chans),
         "student_params": float(count_params(student)), "teacher_params": float(count_params(teacher)),
     }
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    log.info("Student %s: %s parameters (%s trainable), %.4g GMACs counted; teacher (frozen, unreduced): "
+             "%.4g GMACs", describe_method(student), _count(out["student_params"]), _count(trainable),
+             student_gmacs, out["teacher_gmacs"])
     originals = {n: next(m.parameters()).device for n, m in (("student", student), ("teacher", teacher))}
     try:
         student.to(device), teacher.to(device)
-        tp = measure_throughput({"student": student, "teacher": teacher},
-                                batch_size=int(cfg.profile.get("batch_size", 64)), img_size=img, in_chans=chans,
-                                device=device, precision=str(cfg.trainer.get("precision", "32")))
+        # one timed teacher batch says how long the measurement takes
+        x = torch.randn(batch, chans, img, img, device=device)
+        with torch.no_grad():
+            was_training = teacher.training
+            teacher.eval()
+            start = time.perf_counter()
+            teacher(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            per_batch = time.perf_counter() - start
+            teacher.train(was_training)
+        ratio = student_gmacs / max(out["teacher_gmacs"], 1e-12)
+        log.info("Timing student and teacher side by side on %s: %d alternating rounds of %d batches of %d "
+                 "images after %d warm-up batches, about %s", device, rounds, iters, batch, warmup,
+                 _duration(per_batch * (1 + ratio) * (warmup + rounds * iters)))
+        tp = measure_throughput({"student": student, "teacher": teacher}, batch_size=batch, img_size=img,
+                                in_chans=chans, device=device, precision=str(cfg.trainer.get("precision", "32")),
+                                warmup=warmup, iters=iters, rounds=rounds)
     finally:
         student.to(originals["student"]), teacher.to(originals["teacher"])
     out.update(student_throughput=tp["student"], teacher_throughput=tp["teacher"])
     out["throughput_device"] = device  # type: ignore[assignment]
+    out["throughput_batch"] = float(batch)
     return out
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} K" if n >= 1e3 else f"{n:.0f}"
+
+
+def describe_method(model: torch.nn.Module) -> str:
+    reduction = getattr(model, "reduction", None)
+    return repr(reduction) if reduction is not None else "none"
+
+
+def describe_architecture(model: torch.nn.Module) -> str:
+    """What the model really is, read off the built model: for a timm ViT its input, patches, tokens,
+    width, depth and heads (the quickstart's model.name is only the timm class it is built from)."""
+    params = _count(sum(p.numel() for p in model.parameters()))
+    try:
+        pe = model.patch_embed
+        (h, w), (ph, pw), grid = pe.img_size, pe.patch_size, pe.grid_size
+        prefix = int(getattr(model, "num_prefix_tokens", 0))
+        return (f"ViT {h}x{w}x{pe.proj.in_channels} input, {ph}x{pw} patches -> {grid[0] * grid[1]} tokens"
+                f"{f' + {prefix} prefix' if prefix else ''}, width {model.embed_dim}, {len(model.blocks)} blocks, "
+                f"{model.blocks[0].attn.num_heads} heads, {params} parameters")
+    except (AttributeError, TypeError, IndexError, ValueError):
+        return f"{type(model).__name__}, {params} parameters"
 
 
 # --- the quickstart teacher ------------------------------------------------------------------------
@@ -167,14 +337,16 @@ def bootstrap_teacher(cfg: DictConfig) -> str:
         tcfg.optim.backbone_lr_scale = 1.0
         tcfg.paths.output_dir = str(Path(cfg.paths.output_dir) / "teacher")
         tcfg.trainer.default_root_dir = tcfg.paths.output_dir
-    log.info("Training the quickstart teacher (unreduced, %d epochs); cached at %s", boot.epochs, path)
-    L.seed_everything(cfg.seed, workers=True)
+    log.info("Training the quickstart teacher (the unreduced model, %d epochs; a line per epoch says how long "
+             "it takes). It is cached at %s and reused by every later run with this model and data.",
+             boot.epochs, path)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(tcfg)
     dm = build_datamodule(tcfg)
     loggers = [hydra.utils.instantiate(OmegaConf.create({
         "_target_": "lightning.pytorch.loggers.csv_logs.CSVLogger", "save_dir": tcfg.paths.output_dir,
         "name": "csv", "version": ""}))]
-    trainer = build_trainer(tcfg, loggers, callbacks=[])
+    trainer = build_trainer(tcfg, loggers, callbacks=[PhaseProgress("teacher")])
     trainer.fit(module, datamodule=dm)
     top1 = float(trainer.callback_metrics["val/top1"])
     from safetensors.torch import save_file
@@ -184,7 +356,7 @@ def bootstrap_teacher(cfg: DictConfig) -> str:
     save_file({k: v.detach().cpu().contiguous() for k, v in module.student.state_dict().items()}, str(tmp),
               metadata={"val_top1": f"{top1:.2f}", "epochs": str(boot.epochs)})
     os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written teacher
-    log.info("Quickstart teacher: val top-1 %.2f%%", top1)
+    log.info("Quickstart teacher: val top-1 %.2f%%, saved to %s", top1, path)
     return str(path)
 
 
@@ -202,7 +374,11 @@ def summarise(cfg: DictConfig, module: ReductionModule, prof: Dict[str, Any], me
               best_ckpt: Optional[str], last_ckpt: Optional[str]) -> Dict[str, Any]:
     summary = {
         "model": cfg.model.name, "method": cfg.method.name,
-        "method_params": repr(getattr(module.student, "reduction", "none")),
+        # what the model is: the config's display name (the quickstart's model.name is only the timm
+        # class it is built from) and the architecture read off the built model
+        "model_display_name": cfg.model.get("display_name") or cfg.model.name,
+        "architecture": describe_architecture(module.teacher),
+        "method_params": describe_method(module.student),
         "train": bool(cfg.train),
         "teacher_val_top1": module.teacher_val_top1,
         "student_val_top1": metrics.get("val/top1"), "student_val_top5": metrics.get("val/top5"),
@@ -214,62 +390,125 @@ def summarise(cfg: DictConfig, module: ReductionModule, prof: Dict[str, Any], me
         "output_dir": str(cfg.paths.output_dir),
         "accuracy_unit": "percent",
     }
+    if prof.get("teacher_throughput"):
+        summary["speedup"] = prof["student_throughput"] / prof["teacher_throughput"]
     return summary
 
 
 def format_summary(s: Dict[str, Any]) -> str:
-    def num(v, fmt):
-        return "n/a" if v is None else format(v, fmt)
+    """The run's result as a small table (teacher vs student: top-1, GMACs, images/s and their
+    ratios) and where its files are."""
+    def num(v, fmt, unit=""):
+        return "n/a" if v is None else format(v, fmt) + unit
 
-    lines = [
-        f"=== summary: {s['model']} + {s['method']} {s['method_params']} ===",
-        f"val top-1   teacher {num(s['teacher_val_top1'], '.2f')}%   reduced student {num(s['student_val_top1'], '.2f')}%"
-        + (f"   (EMA {s['ema_val_top1']:.2f}%)" if s.get("ema_val_top1") is not None else ""),
-    ]
-    if "student_gmacs" in s:
-        lines += [
-            f"GMACs       teacher {s['teacher_gmacs']:.4f}   student {s['student_gmacs']:.4f}"
-            f"   ({s['student_gmacs'] / s['teacher_gmacs']:.2f}x)"
-            + (f"   + side work {s['student_side_gmacs']:.2g}" if s.get("student_side_gmacs") else ""),
-            f"throughput  teacher {s['teacher_throughput']:.0f} img/s   student {s['student_throughput']:.0f} img/s"
-            f"   ({s['student_throughput'] / s['teacher_throughput']:.2f}x, {s['throughput_device']}, measured side by side)",
-        ]
-    if s.get("best_checkpoint") or s.get("last_checkpoint"):
-        lines.append(f"checkpoint  best {s['best_checkpoint']}   last {s['last_checkpoint']}")
-    lines.append(f"logs        {s['output_dir']}   (summary.json there)")
-    return "\n".join(lines)
+    t1, s1 = s.get("teacher_val_top1"), s.get("student_val_top1")
+    profiled = s.get("student_gmacs") is not None and s.get("teacher_gmacs")
+    rows = [("", "val top-1", "GMACs", "images/s")]
+    rows.append(("teacher (unreduced)", num(t1, ".2f", "%"),
+                 num(s.get("teacher_gmacs"), ".4g") if profiled else "n/a",
+                 num(s.get("teacher_throughput"), ",.0f") if profiled else "n/a"))
+    rows.append((f"student ({s['method']})", num(s1, ".2f", "%"),
+                 num(s.get("student_gmacs"), ".4g") if profiled else "n/a",
+                 num(s.get("student_throughput"), ",.0f") if profiled else "n/a"))
+    if s.get("ema_val_top1") is not None:
+        rows.append(("student EMA", num(s["ema_val_top1"], ".2f", "%"), "", ""))
+    rows.append(("student vs teacher",
+                 "n/a" if t1 is None or s1 is None else f"{s1 - t1:+.2f}",
+                 f"{s['student_gmacs'] / s['teacher_gmacs']:.2f}x" if profiled else "n/a",
+                 f"{s['student_throughput'] / s['teacher_throughput']:.2f}x"
+                 if profiled and s.get("teacher_throughput") else "n/a"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    table = ["  " + "   ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    out = [f"=== {s.get('model_display_name') or s['model']} + {s['method_params']} ==="]
+    if s.get("architecture"):
+        out.append(f"model: {s['architecture']}")
+    out += table
+    if profiled:
+        notes = [f"images/s measured side by side on {s.get('throughput_device', '?')}"
+                 + (f", batch {s['throughput_batch']:.0f}" if s.get("throughput_batch") else "")]
+        if s.get("student_side_gmacs"):
+            notes.append(f"student side work {s['student_side_gmacs']:.2g} GMACs not in the table (see README)")
+        out.append("  (" + "; ".join(notes) + ")")
+    folder = Path(str(s["output_dir"]))
+    out.append(f"run folder: {folder}   (summary.json, {s.get('task_log', 'the run log')}"
+               + (", checkpoints/" if s.get("last_checkpoint") else "") + ")")
+    for key, what in (("best_checkpoint", "best"), ("last_checkpoint", "last")):
+        if s.get(key):
+            path = Path(s[key])
+            shown = path.relative_to(folder) if path.is_relative_to(folder) else path
+            out.append(f"  {what} checkpoint: {shown}")
+    return "\n".join(out)
 
 
-def _log_through_root_only() -> None:
-    """Lightning, imported before Hydra configures logging, gives its loggers their own console
-    handlers; once Hydra's root handlers (console + the run's log file) exist, every Lightning line
-    was printed twice. Route Lightning's records through the root handlers alone."""
-    if not logging.getLogger().handlers:
+def set_threads(cfg: DictConfig) -> None:
+    """threads: torch's intra-op threads on the CPU (null: torch's default, one per core)."""
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))
+
+
+def _task_log_name() -> Optional[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(str(HydraConfig.get().job_logging.handlers.file.filename)).name
+    except Exception:  # run() called without Hydra (tests, scripts): no log file
+        return None
+
+
+def close_loggers(loggers: List[Any], status: str) -> None:
+    """Finalise every logger and finish its W&B run, also when the run failed (W&B then marks it
+    failed instead of leaving it running). On success run() has finalised them already."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if status != "success" and hasattr(lg, "finalize"):
+            try:
+                lg.finalize(status)
+            except Exception as err:  # never hide the error that ended the run
+                log.warning("Could not finalise the %s logger after the failure: %s", type(lg).__name__, err)
+    if status == "success":
+        finish_wandb(loggers)  # the next job of a multirun (same process) starts its own W&B run
         return
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        lg = logging.getLogger(name)
-        for handler in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
-            lg.removeHandler(handler)
-        lg.propagate = True
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            lg.experiment.finish(exit_code=1)
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Train (or with train=false only evaluate) as configured; returns the summary dict."""
     check_values(cfg)  # every value's type / range / choices first (one line, exit code 2)
-    _log_through_root_only()
+    quiet_third_party()
+    set_threads(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     # "last": Lightning's newest last*.ckpt in this run folder's checkpoints (none yet: start fresh)
     if cfg.get("ckpt_path") not in (None, "last") and not Path(str(cfg.ckpt_path)).expanduser().is_file():
         raise WeightsError(f"ckpt_path={cfg.ckpt_path} is not a file; give the last.ckpt of the run to resume")
     dm = unpadded_validation(build_datamodule(cfg))  # data errors before any model is built; exact DDP val
-    check_config(cfg)  # size / method errors before weights or a quickstart teacher
+    check_config(cfg)  # size / method / callback errors before weights or a quickstart teacher
     checkpoint = _weights_source(cfg)
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, checkpoint=checkpoint)
+    compile_models(module, cfg)
 
     loggers = build_loggers(cfg)
+    status = "failed"
+    try:  # the loggers are closed (a W&B run finished) however the run ends
+        summary = _fit_and_summarise(cfg, module, dm, loggers)
+        status = "success"
+    except KeyboardInterrupt:
+        status = "aborted"
+        raise
+    finally:
+        close_loggers(loggers, status)
+    if is_global_zero():
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def _fit_and_summarise(cfg: DictConfig, module: ReductionModule, dm, loggers: List[Any]) -> Dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(resolved)
@@ -277,12 +516,17 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     prof: Dict[str, Any] = profile(module, cfg) if cfg.get("profile", {}).get("enabled", True) and is_global_zero() else {}
     for lg in loggers:
         lg.log_metrics({f"profile/{k}": v for k, v in prof.items() if isinstance(v, float)}, step=0)
-    log.info("Profile: %s", prof)
+    if prof:
+        log.info("Profile: teacher %.4g GMACs, %.0f images/s; student %.4g GMACs, %.0f images/s (%.2fx)",
+                 prof["teacher_gmacs"], prof["teacher_throughput"], prof["student_gmacs"],
+                 prof["student_throughput"], prof["student_throughput"] / prof["teacher_throughput"])
 
-    callbacks = build_callbacks(cfg) if cfg.train else []
+    callbacks = (build_callbacks(cfg) + [PhaseProgress("student")]) if cfg.train else []
     trainer = build_trainer(cfg, loggers, callbacks)
     best = last = None
     if cfg.train:
+        log.info("Finetuning the reduced student for %d epochs (%s)", int(cfg.trainer.max_epochs),
+                 f"distillation: {cfg.distill.type}" if cfg.get("distill") else "no distillation")
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None:
@@ -294,6 +538,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()}
 
     summary = summarise(cfg, module, prof, metrics, best, last)
+    summary["task_log"] = _task_log_name()
     if not trainer.is_global_zero:  # DDP: one summary, written by rank 0
         return summary
     out = Path(cfg.paths.output_dir)
@@ -304,6 +549,4 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
                         if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=trainer.global_step)
         if hasattr(lg, "finalize"):
             lg.finalize("success")
-    finish_wandb(loggers)  # close the W&B run: the next job of a multirun (same process) starts its own
-    print(format_summary(summary), flush=True)
     return summary
