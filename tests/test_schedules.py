@@ -15,8 +15,10 @@ def tiny():
 
 
 def test_kinds_are_read_off_the_methods():
-    assert schedule_kind("tome") == "r"
-    assert schedule_kind("none") is None
+    assert schedule_kind("tome") == "r" and schedule_kind("mctf") == "r" and schedule_kind("ppt") == "r"
+    assert schedule_kind("evit") == "keep_rate"
+    assert schedule_kind("pitome") == "ratio" and schedule_kind("tofu") == "ratio"
+    assert schedule_kind("none") is None and schedule_kind("diffrate") is None
 
 
 def test_no_schedule_keeps_method_params(tiny):
@@ -71,6 +73,17 @@ def test_flops_schedule_hits_the_budget_for_keep_rate_methods(tiny):
     params = resolve_params(tiny, "evit", {"locations": [3, 6, 9]}, {"name": "flops", "gmacs": 0.9})
     achieved = count_gmacs(apply_reduction(tiny, "evit", **params))
     assert 0 < params["keep_rate"] < 1 and abs(achieved - 0.9) <= 0.01, (params, achieved)
+
+
+@pytest.mark.parametrize("method", ["pitome", "tofu"])
+def test_flops_schedule_hits_the_budget_for_ratio_methods(tiny, method):
+    """A kept fraction per block (PiToMe, ToFu): bisection like keep rates; ratios the method refuses
+    (below 0.5) count as too low."""
+    params = resolve_params(tiny, method, {}, {"name": "flops", "gmacs": 0.8})
+    achieved = count_gmacs(apply_reduction(tiny, method, **params))
+    assert 0.5 <= params["ratio"] < 1 and abs(achieved - 0.8) <= 0.01, (params, achieved)
+    with pytest.raises(ReductionConfigError, match="parameterised by 'ratio'; use schedule=flops"):
+        resolve_params(tiny, method, {}, {"name": "constant", "r": 3})
 
 
 def test_unreachable_budget_names_the_range(tiny):

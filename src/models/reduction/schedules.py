@@ -26,7 +26,8 @@ SCHEDULES = ("constant", "decreasing", "list", "staged", "flops")
 
 
 def schedule_kind(method: str) -> Optional[str]:
-    """'r' or 'keep_rate': which parameter a schedule sets for `method` (None: no schedule applies)."""
+    """'r', 'keep_rate' or 'ratio' (a kept fraction per block, as PiToMe's): which parameter a schedule
+    sets for `method`, read off its constructor (None: no schedule applies)."""
     if method not in REGISTRY:
         raise ReductionConfigError(f"unknown reduction method '{method}'; available: {', '.join(sorted(REGISTRY))}")
     names = inspect.signature(REGISTRY[method].__init__).parameters
@@ -34,6 +35,8 @@ def schedule_kind(method: str) -> Optional[str]:
         return "r"
     if "keep_rate" in names:
         return "keep_rate"
+    if "ratio" in names:
+        return "ratio"
     return None
 
 
@@ -51,8 +54,8 @@ def resolve_params(
     kind = schedule_kind(method)
     if kind is None:
         raise ReductionConfigError(
-            f"method '{method}' has no per-block reduction parameter, so schedule={name} does not apply; "
-            "remove the schedule override"
+            f"method '{method}' takes none of r, keep_rate or ratio, so schedule={name} does not apply; "
+            "remove the schedule override (the method's own parameters set its reduction)"
         )
     depth = len(model.blocks)
 
@@ -60,10 +63,10 @@ def resolve_params(
         return solve_for_gmacs(model, method, out, kind, **schedule)
     needs = {"constant": "r", "decreasing": "r", "list": "r", "staged": "keep_rate"}[name]
     if needs != kind:
-        fits = "schedule=staged" if kind == "keep_rate" else "schedule=constant|decreasing|list"
+        fits = {"keep_rate": "schedule=staged or ", "r": "schedule=constant|decreasing|list or "}.get(kind, "")
         raise ReductionConfigError(
             f"schedule '{name}' sets {needs!r} but method '{method}' is parameterised by {kind!r}; "
-            f"use {fits} or schedule=flops"
+            f"use {fits}schedule=flops"
         )
     if name == "constant":
         out["r"] = parse_r(depth, _int(schedule.pop("r"), "schedule.r"))
@@ -97,8 +100,9 @@ def solve_for_gmacs(
     """Find the reduction that brings the counted GMACs of `method` on `model` closest to `gmacs`.
 
     r-methods: the largest constant r whose cost stays >= the target, plus one more token in the
-    first k blocks (earlier blocks save more), k chosen to land closest. keep-rate methods: bisection
-    on the keep rate at the method's locations. Raises when the closest setting misses the target by
+    first k blocks (earlier blocks save more), k chosen to land closest. keep-rate and ratio methods:
+    bisection on the kept fraction (at the method's locations; values the method refuses count as
+    too low). Raises when the closest setting misses the target by
     more than `tolerance` (relative), naming what is reachable.
     """
     from ..profile import count_gmacs
