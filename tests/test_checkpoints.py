@@ -26,7 +26,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from src.models import apply_reduction, load_weights
+from src.models import REGISTRY, apply_reduction, load_weights
 from src.models.backbone import build_model, create_backbone
 from src.models.stvit_swin import STViTRSwin
 from src.models.weights import WeightsError, read_checkpoint
@@ -265,7 +265,7 @@ def test_official_stvit_r_swin_golden_weights_reproduce_the_reference_logits():
 
 
 # --- end to end: train.py -> eval.py for every method ------------------------------------------------
-METHODS = ["none", "tome", "evit", "gtp", "dynamicvit", "bat", "mstm", "stvit"]
+METHODS = ["none", *sorted(m for m in REGISTRY if m != "none")]  # every registered method
 TINY = [
     "model.kwargs.embed_dim=32", "model.bootstrap.epochs=1", "model.bootstrap.warmup_epochs=0",
     "model.bootstrap.limit_train_batches=20", "data.max_shift=0", "data.val_per_class=20",
