@@ -23,6 +23,7 @@ Every `key=value` that is not one of the benchmark's own keys is a Hydra overrid
 config applied to every method (e.g. `schedule=flops schedule.gmacs=3.0` or `method.params.r=8`).
 Benchmark weights are timm's random initialisation: speed and GMACs do not depend on the values.
 """
+
 from __future__ import annotations
 
 import sys

@@ -4,6 +4,7 @@ Same config tree as train.py, with train=false (conf/eval.yaml).
 A checkpoint of a train.py run (or an official DeiT / EViT / DynamicViT file) is evaluated with the
 method it was trained with: `python eval.py method=dynamicvit model.checkpoint=<run>/checkpoints/last.ckpt`
 (`model.checkpoint_ema=true`: its EMA weights). The teacher is the checkpoint's backbone, unreduced."""
+
 import os
 import sys
 from pathlib import Path

@@ -9,6 +9,7 @@ check) and exported with torch.onnx.export(dynamo=True) for one batch size (src/
 The file is then run in onnxruntime on a seeded input and compared with PyTorch: the report gives
 max |difference| relative to max |logits| (must be <= 1e-4). Same as `python bench.py export=PATH ...`.
 """
+
 from __future__ import annotations
 
 import sys

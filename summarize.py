@@ -5,6 +5,7 @@
 Writes summary.md (Markdown table), summary.csv and pareto.png (val top-1 against counted GMACs and
 against measured throughput, Pareto front dashed) into the directory (or DIR), and prints the table.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,8 +1,9 @@
 """Finetune (or, with train=false, evaluate) a token-reduced timm ViT.
 
-    python train.py                                   # the quickstart on the embedded digits
-    python train.py model=deit_s method=tome data=imagenet data.root=/path/to/imagenet
+python train.py                                   # the quickstart on the embedded digits
+python train.py model=deit_s method=tome data=imagenet data.root=/path/to/imagenet
 """
+
 import os
 import sys
 from pathlib import Path

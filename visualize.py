@@ -11,6 +11,7 @@ model.checkpoint=<a checkpoint of a train.py run>, otherwise its weights are ran
 loaded after the method is applied (build_model), so a run's own modules load with it, e.g.
 `python visualize.py method=dynamicvit model.checkpoint=logs/train/runs/<run>/checkpoints/last.ckpt`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,8 +44,14 @@ def _image_tensor(cfg, path):
     pre = model_preprocessing(cfg.model.name, cfg.model.get("data_config"))
     grey = int(cfg.model.in_chans) == 1  # the grey models here are the embedded digits' models
     mean, std = ((DIGITS_MEAN,), (DIGITS_STD,)) if grey else (pre["mean"], pre["std"])
-    transform = create_transform(int(cfg.model.img_size), is_training=False, crop_pct=pre["crop_pct"],
-                                 interpolation=pre["interpolation"], mean=mean, std=std)
+    transform = create_transform(
+        int(cfg.model.img_size),
+        is_training=False,
+        crop_pct=pre["crop_pct"],
+        interpolation=pre["interpolation"],
+        mean=mean,
+        std=std,
+    )
     img = transform(Image.open(path).convert("L" if grey else "RGB"))
     return img, mean, std
 

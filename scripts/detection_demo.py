@@ -22,6 +22,7 @@ counted GMACs of the ViT and of the whole backbone (ViT + pyramid), and wall tim
     python scripts/detection_demo.py --out detection_demo.md     # CPU, a few minutes per backbone
     python scripts/detection_demo.py --init teacher              # first run trains the teacher (~10 CPU min)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- data ------------------------------------------------------------------------------------------
-def make_canvas(digits: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, size: int,
-                max_digits: int = 3, scale=(24, 40)):
+def make_canvas(
+    digits: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, size: int, max_digits: int = 3, scale=(24, 40)
+):
     """One (1, size, size) canvas in [0, 1] with 1..max_digits non-overlapping digits of side `scale`
     pixels; boxes are the digits' tight ink boxes (pixels > 0.2), labels are digit + 1 (0 = background)."""
     canvas = torch.zeros(size, size)
@@ -67,13 +69,15 @@ def make_canvas(digits: torch.Tensor, labels: torch.Tensor, rng: np.random.Gener
             continue
         i = int(rng.integers(0, len(digits)))
         d = F.interpolate(digits[i].reshape(1, 1, 28, 28), size=(s, s), mode="bilinear", align_corners=False)[0, 0]
-        canvas[y0:y0 + s, x0:x0 + s] = torch.maximum(canvas[y0:y0 + s, x0:x0 + s], d)
+        canvas[y0 : y0 + s, x0 : x0 + s] = torch.maximum(canvas[y0 : y0 + s, x0 : x0 + s], d)
         ys, xs = torch.nonzero(d > 0.2, as_tuple=True)
         placed.append([x0, y0, x0 + s, y0 + s])
         boxes.append([x0 + xs.min().item(), y0 + ys.min().item(), x0 + xs.max().item() + 1, y0 + ys.max().item() + 1])
         cls.append(int(labels[i]) + 1)
-    return canvas[None], {"boxes": torch.tensor(boxes, dtype=torch.float32),
-                          "labels": torch.tensor(cls, dtype=torch.int64)}
+    return canvas[None], {
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+        "labels": torch.tensor(cls, dtype=torch.int64),
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,9 +130,19 @@ def digit_vit_weights(args):
 def make_vit(args, weights: Optional[Dict[str, torch.Tensor]]):
     """The quickstart ViT's architecture with patch `args.patch` on the canvas; grey input, no head."""
     torch.manual_seed(args.seed)  # the same initial weights for both detectors (also the new modules)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=args.canvas, patch_size=args.patch,
-                            embed_dim=args.dim, depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
-                            in_chans=1, num_classes=0, dynamic_img_size=True)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=args.canvas,
+        patch_size=args.patch,
+        embed_dim=args.dim,
+        depth=args.depth,
+        num_heads=args.heads,
+        mlp_ratio=args.mlp_ratio,
+        in_chans=1,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
     if weights is not None:
         load_weights(vit, weights)  # timm's filter resamples patch 7 -> args.patch and the pos. embeddings
     return vit
@@ -139,18 +153,28 @@ def build(method: str, args, weights) -> FasterRCNN:
     if method == "stvit":
         apply_reduction(vit, "stvit", block=args.block, pool_size=args.pool_size, recover=True)
     backbone = ViTDetBackbone(vit, out_channels=args.channels, scale_factors=(2.0, 1.0, 0.5, 0.25))
-    sizes = tuple((args.anchor * 2 ** i,) for i in range(5))  # one size per level, doubling with the stride
+    sizes = tuple((args.anchor * 2**i,) for i in range(5))  # one size per level, doubling with the stride
     anchors = AnchorGenerator(sizes, ((1.0, 2.0, 4.0),) * 5)  # digits are as tall as or taller than wide
-    return FasterRCNN(backbone, num_classes=None, min_size=args.canvas, max_size=args.canvas,
-                      image_mean=[DIGITS_MEAN], image_std=[DIGITS_STD],  # the teacher's input normalisation
-                      rpn_anchor_generator=anchors, box_detections_per_img=10,
-                      # a 256-wide box head instead of COCO's 1024: 10 digit classes, CPU budget
-                      box_head=TwoMLPHead(args.channels * 7 * 7, args.box_head),
-                      box_predictor=FastRCNNPredictor(args.box_head, 11),
-                      # few objects per small canvas: far fewer proposals and sampled RoIs than COCO's
-                      rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100,
-                      rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=50,
-                      rpn_batch_size_per_image=64, box_batch_size_per_image=32)
+    return FasterRCNN(
+        backbone,
+        num_classes=None,
+        min_size=args.canvas,
+        max_size=args.canvas,
+        image_mean=[DIGITS_MEAN],
+        image_std=[DIGITS_STD],  # the teacher's input normalisation
+        rpn_anchor_generator=anchors,
+        box_detections_per_img=10,
+        # a 256-wide box head instead of COCO's 1024: 10 digit classes, CPU budget
+        box_head=TwoMLPHead(args.channels * 7 * 7, args.box_head),
+        box_predictor=FastRCNNPredictor(args.box_head, 11),
+        # few objects per small canvas: far fewer proposals and sampled RoIs than COCO's
+        rpn_pre_nms_top_n_train=300,
+        rpn_post_nms_top_n_train=100,
+        rpn_pre_nms_top_n_test=150,
+        rpn_post_nms_top_n_test=50,
+        rpn_batch_size_per_image=64,
+        box_batch_size_per_image=32,
+    )
 
 
 def param_groups(model: FasterRCNN, args) -> List[dict]:
@@ -175,7 +199,7 @@ def evaluate(model: FasterRCNN, val_set, batch: int = 16) -> Dict[str, float]:
     metric = MeanAveragePrecision(iou_type="bbox")
     with torch.no_grad():
         for i in range(0, len(val_set), batch):
-            chunk = val_set[i:i + batch]
+            chunk = val_set[i : i + batch]
             preds = model([c[0] for c in chunk])
             metric.update(preds, [c[1] for c in chunk])
     m = metric.compute()
@@ -186,11 +210,17 @@ def train_and_eval(method: str, args, weights, train_digits, val_set) -> dict:
     model = build(method, args, weights)
     groups = param_groups(model, args)
     opt = torch.optim.AdamW(groups, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=args.steps,
-                                                pct_start=args.warmup, anneal_strategy="cos")
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in groups], total_steps=args.steps, pct_start=args.warmup, anneal_strategy="cos"
+    )
     rng = np.random.default_rng(args.seed)  # the same canvases in the same order for both
-    curves: Dict[str, List[float]] = {"loss": [], "loss_box_reg": [], "loss_classifier": [],
-                                      "loss_objectness": [], "loss_rpn_box_reg": []}
+    curves: Dict[str, List[float]] = {
+        "loss": [],
+        "loss_box_reg": [],
+        "loss_classifier": [],
+        "loss_objectness": [],
+        "loss_rpn_box_reg": [],
+    }
     start = time.perf_counter()
     model.train()
     for step in range(args.steps):
@@ -208,8 +238,9 @@ def train_and_eval(method: str, args, weights, train_digits, val_set) -> dict:
         for k, v in losses.items():
             curves[k].append(v.item())
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            print(f"[{method}] step {step:4d} loss {loss.item():.3f} box {losses['loss_box_reg'].item():.3f}",
-                  flush=True)
+            print(
+                f"[{method}] step {step:4d} loss {loss.item():.3f} box {losses['loss_box_reg'].item():.3f}", flush=True
+            )
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     scores = evaluate(model, val_set)
@@ -219,7 +250,8 @@ def train_and_eval(method: str, args, weights, train_digits, val_set) -> dict:
         "box_loss_curve": chunk_means(curves["loss_box_reg"]),
         "loss_curve": chunk_means(curves["loss"]),
         "curves": {k: [round(x, 5) for x in v] for k, v in curves.items()},
-        "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
         "vit_gmacs": round(count_gmacs(_TokenMap(model.backbone), img_size=args.canvas, in_chans=1), 4),
         "backbone_gmacs": round(count_gmacs(model.backbone, img_size=args.canvas, in_chans=1), 4),
         "backbone_params": count_params(model.backbone),
@@ -247,18 +279,22 @@ def markdown(results: dict) -> str:
     init = results["init"]
     if init == "teacher":
         init = f"digit teacher ({cfg['teacher_epochs']} epochs, val top-1 {results['teacher_val_top1']:.1f}%)"
-    lines = [f"Faster R-CNN on digit canvases ({cfg['canvas']}px, patch {cfg['patch']}), {cfg['steps']} steps at "
-             f"batch {cfg['batch_size']}, init: {init}, {cfg['val']} held-out canvases, "
-             f"torch threads {results['threads']}, load average at start {results['load_average']}",
-             "",
-             "| backbone | mAP | mAP@50 | box loss (5 chunk means, start -> end) | ViT GMACs | backbone GMACs "
-             "| train s | eval s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Faster R-CNN on digit canvases ({cfg['canvas']}px, patch {cfg['patch']}), {cfg['steps']} steps at "
+        f"batch {cfg['batch_size']}, init: {init}, {cfg['val']} held-out canvases, "
+        f"torch threads {results['threads']}, load average at start {results['load_average']}",
+        "",
+        "| backbone | mAP | mAP@50 | box loss (5 chunk means, start -> end) | ViT GMACs | backbone GMACs "
+        "| train s | eval s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m in ("stvit", "none"):
         r = results[m]
         curve = " -> ".join(f"{v:.3f}" for v in r["box_loss_curve"])
-        lines.append(f"| {NAMES[m]} | {r['map']:.3f} | {r['map_50']:.3f} | {curve} | {r['vit_gmacs']:.4f} "
-                     f"| {r['backbone_gmacs']:.4f} | {r['train_seconds']} | {r['eval_seconds']} |")
+        lines.append(
+            f"| {NAMES[m]} | {r['map']:.3f} | {r['map_50']:.3f} | {curve} | {r['vit_gmacs']:.4f} "
+            f"| {r['backbone_gmacs']:.4f} | {r['train_seconds']} | {r['eval_seconds']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -272,11 +308,19 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=4, help="ViT depth (the quickstart teacher's: 4)")
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
-    p.add_argument("--init", choices=("teacher", "scratch"), default="scratch",
-                   help="scratch: timm's init; teacher: the quickstart's digit-trained ViT (trained and cached on "
-                        "first use; measured no better than scratch at 4 teacher epochs, 300 steps)")
-    p.add_argument("--teacher-epochs", type=int, default=4,
-                   help="epochs of the digit teacher (30: the quickstart's own cached teacher)")
+    p.add_argument(
+        "--init",
+        choices=("teacher", "scratch"),
+        default="scratch",
+        help="scratch: timm's init; teacher: the quickstart's digit-trained ViT (trained and cached on "
+        "first use; measured no better than scratch at 4 teacher epochs, 300 steps)",
+    )
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=4,
+        help="epochs of the digit teacher (30: the quickstart's own cached teacher)",
+    )
     p.add_argument("--cache-dir", default=None, help="teacher cache (default: the config's paths.cache_dir)")
     p.add_argument("--block", type=int, default=1, help="STViT generation block (blocks block, block+1)")
     p.add_argument("--pool-size", type=int, default=4, help="semantic tokens = pool_size^2")
@@ -288,8 +332,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (then cosine)")
     p.add_argument("--val", type=int, default=100, help="validation canvases (held-out digits)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (0: torch default); one is fastest for this small model on a shared CPU")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch default); one is fastest for this small model on a shared CPU",
+    )
     p.add_argument("--out", default=None, help="write the results: .md (table) or .json (everything)")
     args = p.parse_args(argv)
     if args.canvas % args.patch:
@@ -308,8 +356,12 @@ def run(args) -> dict:
     weights, teacher_top1 = digit_vit_weights(args) if args.init == "teacher" else (None, None)
     val_rng = np.random.default_rng(10_000 + args.seed)
     val_set = [make_canvas(val_x, val_y, val_rng, args.canvas) for _ in range(args.val)]
-    results = {"init": args.init, "teacher_val_top1": teacher_top1, "threads": torch.get_num_threads(),
-               "load_average": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None}
+    results = {
+        "init": args.init,
+        "teacher_val_top1": teacher_top1,
+        "threads": torch.get_num_threads(),
+        "load_average": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
+    }
     for m in ("stvit", "none"):
         results[m] = train_and_eval(m, args, weights, (train_x, train_y), val_set)
     results["config"] = vars(args)

@@ -1,4 +1,5 @@
 """Token reduction for timm Vision Transformers."""
+
 import os
 
 # OpenMP threads that spin while they wait make small CPU ops many times slower as soon as another

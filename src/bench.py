@@ -5,6 +5,7 @@ ratios, with quartiles and extremes), JSON rows and a plot of measured against i
 
 Also the user-facing ONNX export (`export_model`, behind bench.py ``export=PATH`` and export.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,13 +35,37 @@ from .models.profile import (
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 BENCH_KEYS = {
-    "model", "method", "batch", "precision", "device", "iters", "rounds", "warmup", "json", "threads", "mode",
-    "plot", "export", "compile_mode", "compile_backend", "compile_dynamic", "freeze", "onnx_dir", "onnx_optimize", "check",
+    "model",
+    "method",
+    "batch",
+    "precision",
+    "device",
+    "iters",
+    "rounds",
+    "warmup",
+    "json",
+    "threads",
+    "mode",
+    "plot",
+    "export",
+    "compile_mode",
+    "compile_backend",
+    "compile_dynamic",
+    "freeze",
+    "onnx_dir",
+    "onnx_optimize",
+    "check",
     "pretrained",
 }
 MODES = ("eager", "compile", "onnx")
-_MODE_ALIASES = {"eager": "eager", "compile": "compile", "compiled": "compile", "onnx": "onnx",
-                 "onnxruntime": "onnx", "ort": "onnx"}
+_MODE_ALIASES = {
+    "eager": "eager",
+    "compile": "compile",
+    "compiled": "compile",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "ort": "onnx",
+}
 
 
 def compose_config(overrides: Sequence[str]):
@@ -60,7 +85,9 @@ def build_reduced(cfg, pretrained: bool = False):
     if not pretrained:
         model_cfg["pretrained"] = False  # an explicit model.checkpoint is still loaded
     return build_model(
-        model_cfg, cfg.method.name, OmegaConf.to_container(cfg.method.params, resolve=True),
+        model_cfg,
+        cfg.method.name,
+        OmegaConf.to_container(cfg.method.params, resolve=True),
         OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") else None,
         drop_method_modules=cfg.method.name == "none",
     )
@@ -71,6 +98,7 @@ def _short(params: Mapping) -> str:
         if isinstance(v, list) and v and len(set(map(str, v))) == 1:
             return f"{v[0]}x{len(v)}"
         return str(v).replace(" ", "")
+
     return " ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
@@ -116,13 +144,21 @@ def parse_settings(own: Mapping[str, str]) -> Dict[str, Any]:
         raise ValueError(f"device={device}: CUDA is not available on this machine")
     rounds = own.get("rounds")
     return dict(
-        methods=methods, batches=batches, precisions=precisions, modes=modes, device=device,
-        iters=int(own.get("iters") or 1), rounds=None if rounds in (None, "") else int(rounds),
-        warmup=int(own.get("warmup") or 2), threads=int(own["threads"]) if own.get("threads") else None,
-        compile_mode=own.get("compile_mode") or None, freeze=_flag(own.get("freeze"), True),
+        methods=methods,
+        batches=batches,
+        precisions=precisions,
+        modes=modes,
+        device=device,
+        iters=int(own.get("iters") or 1),
+        rounds=None if rounds in (None, "") else int(rounds),
+        warmup=int(own.get("warmup") or 2),
+        threads=int(own["threads"]) if own.get("threads") else None,
+        compile_mode=own.get("compile_mode") or None,
+        freeze=_flag(own.get("freeze"), True),
         compile_backend=own.get("compile_backend") or "inductor",
         compile_dynamic=_flag(own.get("compile_dynamic"), False),
-        onnx_dir=own.get("onnx_dir") or None, onnx_optimize=_flag(own.get("onnx_optimize"), True),
+        onnx_dir=own.get("onnx_dir") or None,
+        onnx_optimize=_flag(own.get("onnx_optimize"), True),
     )
 
 
@@ -150,8 +186,15 @@ class _Compiled:
     torch.compile's automatic dynamic shapes then make the batch dimension symbolic at the second size
     (two graphs for any number of batch sizes instead of one each: less compilation, e.g. on a GPU)."""
 
-    def __init__(self, model, compile_mode: Optional[str], freeze: bool, device: torch.device, backend: str,
-                 dynamic: bool = False):
+    def __init__(
+        self,
+        model,
+        compile_mode: Optional[str],
+        freeze: bool,
+        device: torch.device,
+        backend: str,
+        dynamic: bool = False,
+    ):
         from .models.compile import compile_model
 
         self.model = copy.deepcopy(model)
@@ -159,8 +202,9 @@ class _Compiled:
         if freeze and backend == "inductor" and compile_mode is None and device.type == "cpu":
             # inference-only graph: weights become constants (pre-packed for the CPU GEMM kernels)
             options = {"freezing": True}
-        compile_model(self.model, mode=compile_mode, dynamic=None if dynamic else False, options=options,
-                      backend=backend)
+        compile_model(
+            self.model, mode=compile_mode, dynamic=None if dynamic else False, options=options, backend=backend
+        )
 
     def __call__(self, x):
         return self.model(x)
@@ -169,8 +213,9 @@ class _Compiled:
 class _OnnxRunner:
     """onnxruntime session of the model exported at one batch size (input given as a numpy array)."""
 
-    def __init__(self, model, path: Path, example: torch.Tensor, threads: int, device: torch.device,
-                 optimize: bool = True):
+    def __init__(
+        self, model, path: Path, example: torch.Tensor, threads: int, device: torch.device, optimize: bool = True
+    ):
         from .models.export import export_onnx, onnx_session
 
         self.report = export_onnx(model, path, example=example, check=True, optimize=optimize)
@@ -223,8 +268,10 @@ def run_benchmark(own: Mapping[str, str], overrides: Sequence[str]) -> List[Dict
         m.to(device)
     counted = {name: count_gmacs_split(m, img, chans, device=device) for name, m in models.items()}
     static = {name: getattr(getattr(m, "reduction", None), "static_schedule", True) for name, m in models.items()}
-    header = (f"model={model_name} ({base_cfg.model.name}) device={device} threads={threads} "
-              f"load average {'/'.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min)")
+    header = (
+        f"model={model_name} ({base_cfg.model.name}) device={device} threads={threads} "
+        f"load average {'/'.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min)"
+    )
     print(header, flush=True)
     rows: List[Dict] = []
     onnx_dir = Path(cfg["onnx_dir"]) if cfg["onnx_dir"] else Path(tempfile.mkdtemp(prefix="bench-onnx-"))
@@ -246,21 +293,32 @@ def run_benchmark(own: Mapping[str, str], overrides: Sequence[str]) -> List[Dict
                         key = (mode, name)
                         start = time.perf_counter()
                         if mode == "eager":
-                            runners[key] = (lambda m=model: m(x))
+                            runners[key] = lambda m=model, x=x: m(x)
                         elif mode == "compile":
                             if name not in compiled:
-                                compiled[name] = _Compiled(model, cfg["compile_mode"], cfg["freeze"], device,
-                                                           cfg["compile_backend"], cfg["compile_dynamic"])
-                            runners[key] = (lambda c=compiled[name]: c(x))
+                                compiled[name] = _Compiled(
+                                    model,
+                                    cfg["compile_mode"],
+                                    cfg["freeze"],
+                                    device,
+                                    cfg["compile_backend"],
+                                    cfg["compile_dynamic"],
+                                )
+                            runners[key] = lambda c=compiled[name], x=x: c(x)
                         else:
                             if not static[name]:
                                 notes.append(f"{name}: not exportable (dynamic token schedule), no onnx row")
                                 continue
-                            ort = _OnnxRunner(model.cpu() if device.type == "cpu" else model, onnx_dir / f"{name}_b{batch}.onnx",
-                                              x.cpu(), threads, device, cfg["onnx_optimize"])
+                            ort = _OnnxRunner(
+                                model.cpu() if device.type == "cpu" else model,
+                                onnx_dir / f"{name}_b{batch}.onnx",
+                                x.cpu(),
+                                threads,
+                                device,
+                                cfg["onnx_optimize"],
+                            )
                             runners[key] = ort
-                            extra[key] = {"onnx_max_rel_diff": ort.report.max_rel_diff,
-                                          "export_s": ort.report.export_s}
+                            extra[key] = {"onnx_max_rel_diff": ort.report.max_rel_diff, "export_s": ort.report.export_s}
                         setup_s[key] = time.perf_counter() - start
                 rounds = cfg["rounds"] or default_rounds(batch)
                 sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -273,11 +331,29 @@ def run_benchmark(own: Mapping[str, str], overrides: Sequence[str]) -> List[Dict
                             sync()
                             setup_s[key] += time.perf_counter() - start
                     times = time_alternating(
-                        {f"{k[0]}/{k[1]}": fn for k, fn in runners.items()}, rounds=rounds, iters=cfg["iters"],
-                        warmup=cfg["warmup"], sync=sync)
+                        {f"{k[0]}/{k[1]}": fn for k, fn in runners.items()},
+                        rounds=rounds,
+                        iters=cfg["iters"],
+                        warmup=cfg["warmup"],
+                        sync=sync,
+                    )
                 times_by = {tuple(k.split("/", 1)): v for k, v in times.items()}
-                rows += _rows_for(model_name, base_cfg, batch, precision, device, threads, rounds, cfg["iters"],
-                                  models, params, counted, times_by, setup_s, extra)
+                rows += _rows_for(
+                    model_name,
+                    base_cfg,
+                    batch,
+                    precision,
+                    device,
+                    threads,
+                    rounds,
+                    cfg["iters"],
+                    models,
+                    params,
+                    counted,
+                    times_by,
+                    setup_s,
+                    extra,
+                )
                 _print_table(rows, batch, precision, modes)
     finally:
         if not cfg["onnx_dir"]:
@@ -288,8 +364,22 @@ def run_benchmark(own: Mapping[str, str], overrides: Sequence[str]) -> List[Dict
     return rows
 
 
-def _rows_for(model_name, base_cfg, batch, precision, device, threads, rounds, iters, models, params, counted,
-              times, setup_s, extra) -> List[Dict]:
+def _rows_for(
+    model_name,
+    base_cfg,
+    batch,
+    precision,
+    device,
+    threads,
+    rounds,
+    iters,
+    models,
+    params,
+    counted,
+    times,
+    setup_s,
+    extra,
+) -> List[Dict]:
     rows = []
     gmacs = {name: c[0] for name, c in counted.items()}
     modes = list(dict.fromkeys(k[0] for k in times))
@@ -298,19 +388,45 @@ def _rows_for(model_name, base_cfg, batch, precision, device, threads, rounds, i
         stats = ratio_stats(t_none, t_method)
         ideal = gmacs["none"] / gmacs[name]
         return dict(
-            model=model_name, timm_name=str(base_cfg.model.name), method=name, params=_short(params[name]),
-            params_m=count_params(models[name]) / 1e6, gmacs=gmacs[name], side_gmacs=counted[name][1],
-            batch=batch, precision=precision, mode=mode, device=str(device), threads=threads, rounds=rounds,
-            iters=iters, images_per_s=batch / statistics.median(t_method), speedup=stats["median"],
-            speedup_q1=stats["q1"], speedup_q3=stats["q3"], speedup_min=stats["min"], speedup_max=stats["max"],
-            ideal_speedup=ideal, fraction_of_ideal=stats["median"] / ideal, **more)
+            model=model_name,
+            timm_name=str(base_cfg.model.name),
+            method=name,
+            params=_short(params[name]),
+            params_m=count_params(models[name]) / 1e6,
+            gmacs=gmacs[name],
+            side_gmacs=counted[name][1],
+            batch=batch,
+            precision=precision,
+            mode=mode,
+            device=str(device),
+            threads=threads,
+            rounds=rounds,
+            iters=iters,
+            images_per_s=batch / statistics.median(t_method),
+            speedup=stats["median"],
+            speedup_q1=stats["q1"],
+            speedup_q3=stats["q3"],
+            speedup_min=stats["min"],
+            speedup_max=stats["max"],
+            ideal_speedup=ideal,
+            fraction_of_ideal=stats["median"] / ideal,
+            **more,
+        )
 
     for mode in modes:
         for name in models:
             if (mode, name) not in times:
                 continue
-            rows.append(row(name, mode, times[(mode, name)], times[(mode, "none")],
-                            setup_s=setup_s.get((mode, name)), **extra.get((mode, name), {})))
+            rows.append(
+                row(
+                    name,
+                    mode,
+                    times[(mode, name)],
+                    times[(mode, "none")],
+                    setup_s=setup_s.get((mode, name)),
+                    **extra.get((mode, name), {}),
+                )
+            )
     # each side in its fastest mode (by median time per call): the deployment comparison
     best_none = min((m for m in modes if (m, "none") in times), key=lambda m: statistics.median(times[(m, "none")]))
     for name in models:
@@ -318,8 +434,9 @@ def _rows_for(model_name, base_cfg, batch, precision, device, threads, rounds, i
         if not have:
             continue
         best = min(have, key=lambda m: statistics.median(times[(m, name)]))
-        rows.append(row(name, "best", times[(best, name)], times[(best_none, "none")],
-                        best_mode=best, none_mode=best_none))
+        rows.append(
+            row(name, "best", times[(best, name)], times[(best_none, "none")], best_mode=best, none_mode=best_none)
+        )
     return rows
 
 
@@ -329,9 +446,11 @@ def _print_table(rows: List[Dict], batch: int, precision: str, modes: Sequence[s
     if len(shown) > 1:
         shown.append("best")
     first = next(r for r in mine)
-    print(f"\nbatch={batch} precision={precision} device={first['device']} threads={first['threads']} "
-          f"rounds={first['rounds']}x{first['iters']} call(s); speedup = median of per-round ratios to the "
-          f"unpatched model in the same mode [quartiles]; 'of ideal' = speedup / (GMACs ratio)")
+    print(
+        f"\nbatch={batch} precision={precision} device={first['device']} threads={first['threads']} "
+        f"rounds={first['rounds']}x{first['iters']} call(s); speedup = median of per-round ratios to the "
+        f"unpatched model in the same mode [quartiles]; 'of ideal' = speedup / (GMACs ratio)"
+    )
     head = f"{'method':<11}{'params':<34}{'GMACs':>7}{'+side':>7}{'ideal':>7}"
     for mode in shown:
         head += f" | {mode + ' img/s':>14}{'speedup [q1-q3]':>20}{'of ideal':>9}"
@@ -339,16 +458,19 @@ def _print_table(rows: List[Dict], batch: int, precision: str, modes: Sequence[s
     for name in dict.fromkeys(r["method"] for r in mine):
         by_mode = {r["mode"]: r for r in mine if r["method"] == name}
         r0 = next(iter(by_mode.values()))
-        line = (f"{name:<11}{r0['params'][:33]:<34}{r0['gmacs']:>7.3f}{r0['side_gmacs']:>7.3f}"
-                f"{r0['ideal_speedup']:>6.2f}x")
+        line = (
+            f"{name:<11}{r0['params'][:33]:<34}{r0['gmacs']:>7.3f}{r0['side_gmacs']:>7.3f}{r0['ideal_speedup']:>6.2f}x"
+        )
         for mode in shown:
             r = by_mode.get(mode)
             if r is None:
                 line += f" | {'-':>14}{'':>20}{'':>9}"
                 continue
             label = f"{r['images_per_s']:.1f}" + (f" {r['best_mode'][0]}/{r['none_mode'][0]}" if mode == "best" else "")
-            line += (f" | {label:>14}{r['speedup']:>7.2f}x [{r['speedup_q1']:.2f}-{r['speedup_q3']:.2f}]"
-                     f"{r['fraction_of_ideal']:>9.2f}")
+            line += (
+                f" | {label:>14}{r['speedup']:>7.2f}x [{r['speedup_q1']:.2f}-{r['speedup_q3']:.2f}]"
+                f"{r['fraction_of_ideal']:>9.2f}"
+            )
         print(line)
     print(flush=True)
 
@@ -374,13 +496,25 @@ def plot_rows(rows: List[Dict], path: str) -> str:
             pts = [r for r in mine if r["mode"] == mode]
             if not pts:
                 continue
-            ax.errorbar([r["ideal_speedup"] for r in pts], [r["speedup"] for r in pts],
-                        yerr=[[r["speedup"] - r["speedup_q1"] for r in pts], [r["speedup_q3"] - r["speedup"] for r in pts]],
-                        fmt=markers[mode], ms=9 if mode == "best" else 6, capsize=2, label=mode, alpha=0.85)
-            if mode == (("best" if any(r["mode"] == "best" for r in mine) else pts[0]["mode"])):
+            ax.errorbar(
+                [r["ideal_speedup"] for r in pts],
+                [r["speedup"] for r in pts],
+                yerr=[[r["speedup"] - r["speedup_q1"] for r in pts], [r["speedup_q3"] - r["speedup"] for r in pts]],
+                fmt=markers[mode],
+                ms=9 if mode == "best" else 6,
+                capsize=2,
+                label=mode,
+                alpha=0.85,
+            )
+            if mode == ("best" if any(r["mode"] == "best" for r in mine) else pts[0]["mode"]):
                 for r in pts:
-                    ax.annotate(r["method"], (r["ideal_speedup"], r["speedup"]), fontsize=8,
-                                xytext=(4, -10), textcoords="offset points")
+                    ax.annotate(
+                        r["method"],
+                        (r["ideal_speedup"], r["speedup"]),
+                        fontsize=8,
+                        xytext=(4, -10),
+                        textcoords="offset points",
+                    )
         ax.set_title(f"{mine[0]['model'] if mine else ''} batch {batch}, precision {precision}")
         ax.set_xlabel("ideal speedup (GMACs ratio)")
         ax.set_ylabel("measured speedup (median round, quartiles)")
@@ -427,7 +561,13 @@ def export_model(own: Mapping[str, str], overrides: Sequence[str]):
     model = build_reduced(cfg, pretrained=_flag(own.get("pretrained"), True))[0].eval()
     if own.get("threads"):
         torch.set_num_threads(int(own["threads"]))
-    report = export_onnx(model, path, batch_size=int(batches[0]), img_size=int(cfg.model.img_size),
-                         in_chans=int(cfg.model.in_chans), check=_flag(own.get("check"), True))
+    report = export_onnx(
+        model,
+        path,
+        batch_size=int(batches[0]),
+        img_size=int(cfg.model.img_size),
+        in_chans=int(cfg.model.in_chans),
+        check=_flag(own.get("check"), True),
+    )
     print(report)
     return report

@@ -1,5 +1,6 @@
 """Summarise a sweep: every run's summary.json -> a table (Markdown + CSV) and a Pareto plot PNG of
 accuracy against GMACs and against throughput."""
+
 from __future__ import annotations
 
 import csv
@@ -35,13 +36,21 @@ def collect(root: Path) -> List[Dict]:
     rows = []
     for path in sorted(root.rglob("summary.json")):
         s = json.loads(path.read_text())
-        rows.append(dict(
-            run=_overrides(path.parent), dir=str(path.parent), method=s.get("method"), schedule=_schedule(path.parent),
-            params=s.get("method_params", ""), gmacs=s.get("student_gmacs"),
-            throughput=s.get("student_throughput"), top1=s.get("student_val_top1"),
-            teacher_top1=s.get("teacher_val_top1"), teacher_gmacs=s.get("teacher_gmacs"),
-            teacher_throughput=s.get("teacher_throughput"),
-        ))
+        rows.append(
+            dict(
+                run=_overrides(path.parent),
+                dir=str(path.parent),
+                method=s.get("method"),
+                schedule=_schedule(path.parent),
+                params=s.get("method_params", ""),
+                gmacs=s.get("student_gmacs"),
+                throughput=s.get("student_throughput"),
+                top1=s.get("student_val_top1"),
+                teacher_top1=s.get("teacher_val_top1"),
+                teacher_gmacs=s.get("teacher_gmacs"),
+                teacher_throughput=s.get("teacher_throughput"),
+            )
+        )
     if not rows:
         raise FileNotFoundError(f"no summary.json below {root}: is it a run or multirun directory of train.py?")
     return rows
@@ -52,9 +61,15 @@ def pareto(rows: List[Dict], cost: str, lower_is_better: bool = True) -> List[Di
     pts = [r for r in rows if r.get(cost) is not None and r.get("top1") is not None]
     sign = 1 if lower_is_better else -1
     front = [
-        r for r in pts
-        if not any(o is not r and sign * o[cost] <= sign * r[cost] and o["top1"] >= r["top1"]
-                   and (sign * o[cost] < sign * r[cost] or o["top1"] > r["top1"]) for o in pts)
+        r
+        for r in pts
+        if not any(
+            o is not r
+            and sign * o[cost] <= sign * r[cost]
+            and o["top1"] >= r["top1"]
+            and (sign * o[cost] < sign * r[cost] or o["top1"] > r["top1"])
+            for o in pts
+        )
     ]
     return sorted(front, key=lambda r: r[cost])
 
@@ -63,11 +78,16 @@ def markdown(rows: List[Dict]) -> str:
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    lines = ["| run | method | schedule | GMACs | img/s | top-1 (%) | teacher top-1 (%) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | method | schedule | GMACs | img/s | top-1 (%) | teacher top-1 (%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["method"] or "", -(r["gmacs"] or 0))):
-        lines.append(f"| {r['run']} | {r['method']} | {r.get('schedule', '')} | {fmt(r['gmacs'], '.3f' if (r['gmacs'] or 0) >= 0.1 else '.3g')} | {fmt(r['throughput'], '.0f')} | "
-                     f"{fmt(r['top1'], '.2f')} | {fmt(r['teacher_top1'], '.2f')} |")
+        lines.append(
+            f"| {r['run']} | {r['method']} | {r.get('schedule', '')} | "
+            f"{fmt(r['gmacs'], '.3f' if (r['gmacs'] or 0) >= 0.1 else '.3g')} | {fmt(r['throughput'], '.0f')} | "
+            f"{fmt(r['top1'], '.2f')} | {fmt(r['teacher_top1'], '.2f')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -78,18 +98,28 @@ def plot(rows: List[Dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, cost, label, lower in ((axes[0], "gmacs", "GMACs (counted)", True),
-                                   (axes[1], "throughput", "throughput (img/s, measured)", False)):
+    for ax, cost, label, lower in (
+        (axes[0], "gmacs", "GMACs (counted)", True),
+        (axes[1], "throughput", "throughput (img/s, measured)", False),
+    ):
         methods = sorted({r["method"] for r in rows})
         for m in methods:
-            pts = sorted((r for r in rows if r["method"] == m and r.get(cost) is not None and r.get("top1") is not None),
-                         key=lambda r: r[cost])
+            pts = sorted(
+                (r for r in rows if r["method"] == m and r.get(cost) is not None and r.get("top1") is not None),
+                key=lambda r: r[cost],
+            )
             ax.plot([r[cost] for r in pts], [r["top1"] for r in pts], "o-", label=m, alpha=0.8)
         front = pareto(rows, cost, lower)
         ax.plot([r[cost] for r in front], [r["top1"] for r in front], "k--", lw=1, label="Pareto front")
         teachers = [r for r in rows if r.get(f"teacher_{cost}") is not None and r.get("teacher_top1") is not None]
         if teachers:
-            ax.plot([teachers[0][f"teacher_{cost}"]], [teachers[0]["teacher_top1"]], "k*", ms=12, label="teacher (unreduced)")
+            ax.plot(
+                [teachers[0][f"teacher_{cost}"]],
+                [teachers[0]["teacher_top1"]],
+                "k*",
+                ms=12,
+                label="teacher (unreduced)",
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("val top-1 (%)")
         ax.grid(alpha=0.3)

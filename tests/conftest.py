@@ -1,7 +1,8 @@
-import src  # noqa: F401  (first: sets OpenMP's wait policy before torch is imported)
 import pytest
 import timm
 import torch
+
+import src  # noqa: F401  (first: sets OpenMP's wait policy before torch is imported)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """Access to ../shared/golden: reference logits of the public implementations (see its README)."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """ATS: reference semantics (padding, masked softmax, plain blocks between ATS blocks), token counts,
 CLS first, batch dependence, identity, gradients, errors (the golden logits are in test_golden.py)."""
+
 import pytest
 import torch
 
@@ -129,8 +130,9 @@ def test_masked_softmax_adds_eps_and_masks_padding():
     # in a plain block the padding columns are masked but still take part in the maximum (and get eps/N)
     other = masked_softmax(logits, policy, ats_block=False)
     e = (real - 50.0).exp()
-    torch.testing.assert_close(other[0, :, :3, :3], ((e + 1e-6 / 5) / (e.sum(-1, keepdim=True) + 1e-6))[:, :3],
-                               rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        other[0, :, :3, :3], ((e + 1e-6 / 5) / (e.sum(-1, keepdim=True) + 1e-6))[:, :3], rtol=0, atol=1e-15
+    )
     half = masked_softmax(logits.float().half(), None, ats_block=False)
     assert half.dtype == torch.float16
 
@@ -177,13 +179,16 @@ def test_defaults_and_capabilities():
     assert not static_schedule(model) and "depends on the image" in export_blocker(model)
 
 
-@pytest.mark.parametrize("params,match", [
-    ({"num_tokens": 64}, r"num_tokens=64: .* int >= 65"),
-    ({"num_tokens": [65] * 3}, r"num_tokens has 3 entries but the model has 4 blocks"),
-    ({"blocks": [1, 4]}, r"ats blocks? location 4 is not a block index of this 4-block model"),
-    ({"blocks": 3}, r"ats blocks locations must be a list"),
-    ({"drop_tokens": "yes"}, r"drop_tokens='yes' must be true"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"num_tokens": 64}, r"num_tokens=64: .* int >= 65"),
+        ({"num_tokens": [65] * 3}, r"num_tokens has 3 entries but the model has 4 blocks"),
+        ({"blocks": [1, 4]}, r"ats blocks? location 4 is not a block index of this 4-block model"),
+        ({"blocks": 3}, r"ats blocks locations must be a list"),
+        ({"drop_tokens": "yes"}, r"drop_tokens='yes' must be true"),
+    ],
+)
 def test_bad_parameters_are_clear_errors_at_apply_time(params, match):
     with pytest.raises(ReductionConfigError, match=match):
         apply_reduction(tiny_vit(), "ats", **params)

@@ -1,5 +1,6 @@
 """create_backbone / build_model: sizes, checkpoints of every supported kind, head mismatch, missing
 weights, the build -> apply -> load order."""
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -8,9 +9,16 @@ from src.models import backbone as backbone_mod
 from src.models.backbone import BackboneError, build_model, create_backbone
 from src.models.weights import WeightsError
 
-TINY = {"name": "vit_tiny_patch16_224", "pretrained": False, "checkpoint": None, "num_classes": 10,
-        "img_size": 16, "in_chans": 1, "drop_path_rate": 0.0,
-        "kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}}
+TINY = {
+    "name": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "checkpoint": None,
+    "num_classes": 10,
+    "img_size": 16,
+    "in_chans": 1,
+    "drop_path_rate": 0.0,
+    "kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+}
 
 
 def tiny(**over):

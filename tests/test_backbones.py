@@ -3,6 +3,7 @@ global-average-pool models (MAE-style), CLIP (pre-norm), DeiT-III (LayerScale), 
 (attention-pool head) run or are refused with a clear error; Eva and parallel blocks are refused.
 Method configs are relative to the model: the same config gives the papers' settings on DeiT-S/B
 and scales to ViT-L and DINOv2 at 518 px."""
+
 import pytest
 import timm
 import torch
@@ -22,8 +23,13 @@ FAMILIES = {
     "siglip": ("vit_base_patch16_siglip_224", dict(img_size=64), 64),
 }
 METHODS = {
-    "tome": dict(r=2), "evit": {}, "gtp": dict(r=2, num_neighbours=4), "dynamicvit": {}, "bat": {},
-    "mstm": dict(scales=[2]), "stvit": dict(pool_size=2),
+    "tome": dict(r=2),
+    "evit": {},
+    "gtp": dict(r=2, num_neighbours=4),
+    "dynamicvit": {},
+    "bat": {},
+    "mstm": dict(scales=[2]),
+    "stvit": dict(pool_size=2),
 }
 # the pairs that cannot work, and the words of their error
 REFUSED = {
@@ -100,10 +106,13 @@ def test_average_pooling_weighs_merged_tokens_by_their_size():
     assert not torch.allclose(plain, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,match", [
-    ("eva02_tiny_patch14_224", "Eva .*rotary position embeddings"),
-    ("vit_small_patch16_18x2_224", "ParallelThingsBlock .*no .attn"),
-])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("eva02_tiny_patch14_224", "Eva .*rotary position embeddings"),
+        ("vit_small_patch16_18x2_224", "ParallelThingsBlock .*no .attn"),
+    ],
+)
 def test_unsupported_backbones_are_refused_clearly(name, match):
     model = timm.create_model(name, pretrained=False, depth=2, img_size=64)
     with pytest.raises(ReductionConfigError, match=match):
@@ -131,12 +140,14 @@ def test_relative_defaults_reproduce_the_papers_on_deit(model_name, method):
 
 
 def test_relative_defaults_scale_to_vit_l_and_dinov2_at_518():
-    large = apply_reduction(timm.create_model("vit_large_patch16_224", pretrained=False, embed_dim=64, num_heads=2),
-                            "evit")
+    large = apply_reduction(
+        timm.create_model("vit_large_patch16_224", pretrained=False, embed_dim=64, num_heads=2), "evit"
+    )
     assert large.reduction.locations == [6, 12, 18]  # the quarter points of 24 blocks
     tome_cfg = compose_config(["model=deit_s", "method=tome"]).method.params.r
-    large = apply_reduction(timm.create_model("vit_large_patch16_224", pretrained=False, embed_dim=64, num_heads=2),
-                            "tome", r=tome_cfg)
+    large = apply_reduction(
+        timm.create_model("vit_large_patch16_224", pretrained=False, embed_dim=64, num_heads=2), "tome", r=tome_cfg
+    )
     assert large.reduction.r == [6] * 24  # 0.8 of 196 patches over 24 blocks
     dino = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=518, embed_dim=64, num_heads=2)
     assert dino.patch_embed.num_patches == 37 * 37
@@ -146,7 +157,11 @@ def test_relative_defaults_scale_to_vit_l_and_dinov2_at_518():
 def test_evaluation_preprocessing_comes_from_the_model():
     deit = compose_config(["model=deit_s"]).model
     assert model_preprocessing(deit.name, deit.data_config) == {
-        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bicubic", "crop_pct": 0.875}
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+    }
     augreg = model_preprocessing("vit_base_patch16_224.augreg_in21k_ft_in1k")
     assert augreg["mean"] == (0.5, 0.5, 0.5) and augreg["crop_pct"] == 0.9
     clip = model_preprocessing("vit_base_patch16_clip_224.openai")

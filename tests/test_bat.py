@@ -1,5 +1,6 @@
 """BAT (reconstructed): token counts, protected prefix tokens, conservation on hand-made inputs,
 determinism, gradients, parameter errors and the published DeiT-S compute."""
+
 import math
 from pathlib import Path
 
@@ -18,13 +19,10 @@ from src.models.reduction.bat import (
     default_cluster_ratio,
     dpc_knn_assign,
 )
-
 from tests.tiny import images32 as images
 from tests.tiny import tiny_grid8 as tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "bat.yaml"
-
-
 
 
 def test_keep_rate_one_is_the_unpatched_model():
@@ -57,8 +55,9 @@ def test_default_deit_s_token_counts():
 
 @pytest.mark.parametrize("distilled", [False, True])
 def test_prefix_tokens_are_protected(distilled):
-    model = apply_reduction(tiny(distilled), "bat", trace_source=True, keep_rate=0.4, locations=[0, 1, 2],
-                            cluster_ratio=0.3, pair_ratio=0.3)
+    model = apply_reduction(
+        tiny(distilled), "bat", trace_source=True, keep_rate=0.4, locations=[0, 1, 2], cluster_ratio=0.3, pair_ratio=0.3
+    )
     p = model.num_prefix_tokens
     seen = {}
     inner = model.reduction.after_attention
@@ -128,8 +127,9 @@ def test_hook_on_hand_made_tokens():
     bat = BAT(model, keep_rate=0.5, locations=[0], cluster_ratio=0.5, pair_ratio=0.25)
     cls = torch.tensor([[9.0, 9.0]])
     # attentive (high CLS attention) tokens t0..t3, inattentive t4..t7 (two tight pairs far apart)
-    patches = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [-1.0, 0.0],
-                            [10.0, 0.0], [10.2, 0.0], [-10.0, 0.0], [-10.0, 0.2]])
+    patches = torch.tensor(
+        [[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [-1.0, 0.0], [10.0, 0.0], [10.2, 0.0], [-10.0, 0.0], [-10.0, 0.2]]
+    )
     x = torch.cat([cls, patches])[None]
     attn = torch.tensor([0.2, 0.19, 0.18, 0.17, 0.16, 0.04, 0.02, 0.03, 0.01])
     keys = x.clone()  # metric = the features themselves: t2 matches t1 (cos 1)
@@ -145,7 +145,10 @@ def test_hook_on_hand_made_tokens():
     right = (a[4] * patches[4] + a[5] * patches[5]) / (a[4] + a[5])
     left = (a[6] * patches[6] + a[7] * patches[7]) / (a[6] + a[7])
     torch.testing.assert_close(torch.tensor(clusters), torch.stack([left, right]))
-    assert state.size[0, :, 0].tolist()[:4] == [1.0, 1.0, 2.0, 1.0] and sorted(state.size[0, 4:, 0].tolist()) == [2.0, 2.0]
+    assert state.size[0, :, 0].tolist()[:4] == [1.0, 1.0, 2.0, 1.0] and sorted(state.size[0, 4:, 0].tolist()) == [
+        2.0,
+        2.0,
+    ]
 
 
 def test_deterministic_and_batch_independent():
@@ -194,8 +197,9 @@ def test_bad_parameters_raise_at_apply_time(params, match):
 
 
 def test_needs_a_class_token():
-    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3,
-                              class_token=False, global_pool="avg")
+    model = VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, class_token=False, global_pool="avg"
+    )
     with pytest.raises(ReductionConfigError, match="needs a model with a class token"):
         apply_reduction(model, "bat", locations=[0])
 

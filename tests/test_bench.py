@@ -1,5 +1,6 @@
 """bench.py as a user runs it (quickstart model, one round: seconds), its matrix, plot, JSON and export,
 and its bad-input messages. Timings are printed, never asserted."""
+
 import json
 import subprocess
 import sys
@@ -47,8 +48,16 @@ def test_matrix_of_modes_with_plot(tmp_path):
     out, png = tmp_path / "m.json", tmp_path / "m.png"
     # compile_backend=eager: the compile mode's plumbing without minutes of C++ compilation
     # onnx_optimize=false: no onnxscript optimiser pass (onnxruntime optimises at load): faster export
-    proc = run(*FAST, "method=tome", "batch=2", "mode=eager,compile,onnx", "compile_backend=eager",
-               "onnx_optimize=false", f"json={out}", f"plot={png}")
+    proc = run(
+        *FAST,
+        "method=tome",
+        "batch=2",
+        "mode=eager,compile,onnx",
+        "compile_backend=eager",
+        "onnx_optimize=false",
+        f"json={out}",
+        f"plot={png}",
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     keys = {(r["mode"], r["method"]) for r in rows}
@@ -75,10 +84,17 @@ def test_bench_bad_input_is_one_clear_line():
     assert proc.returncode == 2 and "precision='fp8'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("own,message", [
-    ({"mode": "jit"}, "mode='jit'"), ({"method": "tomee"}, "tomee: unknown"), ({"batch": "0"}, "at least 1"),
-    ({"batch": "a"}, "integers"), ({"precision": "32,fp8"}, "precision='fp8'"), ({"freeze": "maybe"}, "true or false"),
-])
+@pytest.mark.parametrize(
+    "own,message",
+    [
+        ({"mode": "jit"}, "mode='jit'"),
+        ({"method": "tomee"}, "tomee: unknown"),
+        ({"batch": "0"}, "at least 1"),
+        ({"batch": "a"}, "integers"),
+        ({"precision": "32,fp8"}, "precision='fp8'"),
+        ({"freeze": "maybe"}, "true or false"),
+    ],
+)
 def test_settings_are_checked(own, message):
     from src.bench import parse_settings
 

@@ -11,6 +11,7 @@ STViT-R (recover=True) through the entry points' run(); official DynamicViT / EV
 trained students; the EMA weights; visualize.py and bench.py run as scripts with a checkpoint that
 holds DynamicViT's modules.
 """
+
 import argparse
 import json
 import logging
@@ -33,9 +34,16 @@ from src.models.weights import WeightsError, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_CFG = {"name": "vit_tiny_patch16_224", "pretrained": False, "checkpoint": None, "num_classes": 10,
-            "img_size": 16, "in_chans": 1, "drop_path_rate": 0.0,
-            "kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0}}
+TINY_CFG = {
+    "name": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "checkpoint": None,
+    "num_classes": 10,
+    "img_size": 16,
+    "in_chans": 1,
+    "drop_path_rate": 0.0,
+    "kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
+}
 DYN = {"keep_rate": 0.7, "locations": [1, 2, 3]}
 
 
@@ -152,8 +160,15 @@ def test_ema_weights_are_chosen_at_load_time(tmp_path):
     student = randomised(patched(), seed=1).state_dict()
     ema = randomised(patched(), seed=2).state_dict()
     ours = tmp_path / "last.ckpt"  # this project's Lightning layout
-    torch.save({"state_dict": {f"student.{k}": v for k, v in student.items()}, "state_dict_ema": ema,
-                "epoch": 0, "global_step": 2}, ours)
+    torch.save(
+        {
+            "state_dict": {f"student.{k}": v for k, v in student.items()},
+            "state_dict_ema": ema,
+            "epoch": 0,
+            "global_step": 2,
+        },
+        ours,
+    )
     official = tmp_path / "official.pth"  # DeiT / DynamicViT: model + model_ema
     torch.save({"model": student, "model_ema": ema}, official)
     for path in (ours, official):
@@ -163,7 +178,9 @@ def test_ema_weights_are_chosen_at_load_time(tmp_path):
         assert_same_weights(model, ema)
     plain = tmp_path / "plain.pth"
     torch.save({"model": student, "epoch": 3}, plain)
-    with pytest.raises(WeightsError, match=r"no 'state_dict_ema' / 'model_ema' entry; its top-level keys are \['epoch', 'model'\]"):
+    with pytest.raises(
+        WeightsError, match=r"no 'state_dict_ema' / 'model_ema' entry; its top-level keys are \['epoch', 'model'\]"
+    ):
         load_weights(patched(), plain, ema=True)
     st = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in student.items()}, str(st))
@@ -197,9 +214,13 @@ def test_pickled_python_objects_are_refused_with_a_safe_resave_recipe(tmp_path):
 def to_official(sd):
     """This project's STViT-R-Swin keys -> the official changsn/STViT-R layout (the inverse of
     stvit_swin.checkpoint_filter_fn), plus the persistent buffers the official files carry."""
-    rules = [(r"^patch_embed\.proj\.0\.", "patch_embed.proj.0.c."), (r"^patch_embed\.proj\.1\.", "patch_embed.proj.0.bn."),
-             (r"^patch_embed\.proj\.3\.", "patch_embed.proj.2.c."), (r"^patch_embed\.proj\.4\.", "patch_embed.proj.2.bn."),
-             (r"^downsamples\.(\d+)\.", r"layers.\1.downsample.")]
+    rules = [
+        (r"^patch_embed\.proj\.0\.", "patch_embed.proj.0.c."),
+        (r"^patch_embed\.proj\.1\.", "patch_embed.proj.0.bn."),
+        (r"^patch_embed\.proj\.3\.", "patch_embed.proj.2.c."),
+        (r"^patch_embed\.proj\.4\.", "patch_embed.proj.2.bn."),
+        (r"^downsamples\.(\d+)\.", r"layers.\1.downsample."),
+    ]
     out = {}
     for k, v in sd.items():
         for pattern, repl in rules:
@@ -231,8 +252,15 @@ def test_official_stvit_r_swin_checkpoint_loads_by_renaming_only(tmp_path):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(x), src(x))
-    cfg = dict(name="stvit_r_swin_tiny", pretrained=False, checkpoint=str(path), num_classes=5, img_size=224,
-               in_chans=3, kwargs={"embed_dim": 24, "num_heads": [1, 2, 3, 4]})
+    cfg = dict(
+        name="stvit_r_swin_tiny",
+        pretrained=False,
+        checkpoint=str(path),
+        num_classes=5,
+        img_size=224,
+        in_chans=3,
+        kwargs={"embed_dim": 24, "num_heads": [1, 2, 3, 4]},
+    )
     built, _ = build_model(cfg, "none")
     assert_same_weights(built, src.state_dict())
 
@@ -267,18 +295,33 @@ def test_official_stvit_r_swin_golden_weights_reproduce_the_reference_logits():
 # --- end to end: train.py -> eval.py for every method ------------------------------------------------
 METHODS = ["none", *sorted(m for m in REGISTRY if m != "none")]  # every registered method
 TINY = [
-    "model.kwargs.embed_dim=32", "model.bootstrap.epochs=1", "model.bootstrap.warmup_epochs=0",
-    "model.bootstrap.limit_train_batches=20", "data.max_shift=0", "data.val_per_class=20",
-    "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
-    "trainer.enable_progress_bar=false", "profile.enabled=false", "ema.enabled=true", "ema.decay=0.5",
+    "model.kwargs.embed_dim=32",
+    "model.bootstrap.epochs=1",
+    "model.bootstrap.warmup_epochs=0",
+    "model.bootstrap.limit_train_batches=20",
+    "data.max_shift=0",
+    "data.val_per_class=20",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+    "profile.enabled=false",
+    "ema.enabled=true",
+    "ema.decay=0.5",
 ]
 ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
 
 def entry(script, work: Path, *args, timeout=600):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          env={**os.environ, **ENV}, timeout=timeout, cwd=work)
-    assert proc.returncode == 0, (proc.stdout[-3000:] + proc.stderr[-3000:])
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=timeout,
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -294,18 +337,35 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(work):
     """One train.py multirun, every method, one cached teacher; run folders named by method."""
-    entry("train.py", work, "-m", f"paths.log_dir={work / 'logs'}", f"paths.cache_dir={work / 'cache'}",
-          f"hydra.sweep.dir={work / 'train'}", "hydra.sweep.subdir=${method.name}", *TINY,
-          "method=" + ",".join(METHODS))
+    entry(
+        "train.py",
+        work,
+        "-m",
+        f"paths.log_dir={work / 'logs'}",
+        f"paths.cache_dir={work / 'cache'}",
+        f"hydra.sweep.dir={work / 'train'}",
+        "hydra.sweep.subdir=${method.name}",
+        *TINY,
+        "method=" + ",".join(METHODS),
+    )
     return work / "train"
 
 
 @pytest.fixture(scope="module")
 def evaluated(work, trained):
     """One eval.py multirun reloading each method's last.ckpt."""
-    entry("eval.py", work, "-m", f"paths.log_dir={work / 'logs'}", f"paths.cache_dir={work / 'cache'}",
-          f"hydra.sweep.dir={work / 'eval'}", "hydra.sweep.subdir=${method.name}", *TINY,
-          f"model.checkpoint={trained}/" + "${method.name}/checkpoints/last.ckpt", "method=" + ",".join(METHODS))
+    entry(
+        "eval.py",
+        work,
+        "-m",
+        f"paths.log_dir={work / 'logs'}",
+        f"paths.cache_dir={work / 'cache'}",
+        f"hydra.sweep.dir={work / 'eval'}",
+        "hydra.sweep.subdir=${method.name}",
+        *TINY,
+        f"model.checkpoint={trained}/" + "${method.name}/checkpoints/last.ckpt",
+        "method=" + ",".join(METHODS),
+    )
     return work / "eval"
 
 
@@ -320,8 +380,11 @@ def in_process(work):
 
     def go(config, name, *overrides):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config, overrides=[f"paths.log_dir={work / 'logs'}", f"paths.cache_dir={work / 'cache'}",
-                                             *TINY, *overrides], return_hydra_config=True)
+            cfg = compose(
+                config,
+                overrides=[f"paths.log_dir={work / 'logs'}", f"paths.cache_dir={work / 'cache'}", *TINY, *overrides],
+                return_hydra_config=True,
+            )
         HydraConfig().set_config(cfg)
         with open_dict(cfg):
             cfg.paths.output_dir = str(work / "inproc" / name)
@@ -346,7 +409,7 @@ def test_every_method_reloads_through_eval(method, trained, evaluated):
     assert eval_summary["student_val_top1"] == train_summary["student_val_top1"], (train_summary, eval_summary)
     assert eval_summary["method_params"] == train_summary["method_params"]
     ckpt = torch.load(last_ckpt(trained / method), map_location="cpu", weights_only=True)
-    students = {k[len("student."):] for k in ckpt["state_dict"] if k.startswith("student.")}
+    students = {k[len("student.") :] for k in ckpt["state_dict"] if k.startswith("student.")}
     assert set(ckpt["state_dict_ema"]) == students  # EMA: plain student names, beside the student
     assert not any(k.startswith(("teacher.", "ema.")) for k in ckpt["state_dict"])
 
@@ -365,8 +428,14 @@ def test_stvit_r_with_recovery_reloads(in_process, work):
 @pytest.mark.slow
 def test_ema_weights_reload_through_eval(in_process, trained):
     train_summary = summary(trained / "dynamicvit")
-    out = in_process("eval", "ema_eval", "method=dynamicvit", f"model.checkpoint={last_ckpt(trained / 'dynamicvit')}",
-                     "model.checkpoint_ema=true", "ema.enabled=false")
+    out = in_process(
+        "eval",
+        "ema_eval",
+        "method=dynamicvit",
+        f"model.checkpoint={last_ckpt(trained / 'dynamicvit')}",
+        "model.checkpoint_ema=true",
+        "ema.enabled=false",
+    )
     assert out["student_val_top1"] == train_summary["ema_val_top1"]
 
 
@@ -409,7 +478,16 @@ def test_visualize_and_bench_load_checkpoints_with_method_modules(trained, work,
     run_script("visualize.py", *model_over, "method=dynamicvit", f"out={out}")
     assert out.is_file() and "wrote" in capsys.readouterr().out
     bench_json = work / "bench.json"
-    run_script("bench.py", "model=quickstart", "method=dynamicvit", "batch=4", "iters=1", "rounds=1", "warmup=1",
-               f"json={bench_json}", *model_over)
+    run_script(
+        "bench.py",
+        "model=quickstart",
+        "method=dynamicvit",
+        "batch=4",
+        "iters=1",
+        "rounds=1",
+        "warmup=1",
+        f"json={bench_json}",
+        *model_over,
+    )
     rows = {r["method"]: r for r in json.loads(bench_json.read_text())}
     assert {"none", "dynamicvit"} <= set(rows) and rows["dynamicvit"]["gmacs"] < rows["none"]["gmacs"]

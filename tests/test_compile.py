@@ -7,6 +7,7 @@ runs op by op); methods with trainable modules of their own (DynamicViT's predic
 STViT's centre) train through "aot_eager" (AOTAutograd's functionalised forward and backward graphs,
 what inductor compiles); the ONNX tests put every method's graph through torch.export's
 functionalisation as well. One slow test compiles with the default inductor backend (C++ kernels)."""
+
 import copy
 
 import pytest

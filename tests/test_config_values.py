@@ -2,6 +2,7 @@
 option ends in one line naming the key, the value and what is allowed, exit code 2, no stack trace,
 nothing trained or written. Most values are checked in process on composed configs; a handful go
 through the real train.py / eval.py processes."""
+
 import copy
 import functools
 import os
@@ -44,7 +45,9 @@ def composed(*overrides):
         if not p.is_add():  # Hydra refuses to change a key that is not there
             parent, _, leaf = p.key_or_group.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
-            assert node is not None and leaf in node.keys(), f"{p.key_or_group} is not in the config: use +{p.key_or_group}"
+            assert node is not None and leaf in node.keys(), (
+                f"{p.key_or_group} is not in the config: use +{p.key_or_group}"
+            )
         with open_dict(cfg):
             OmegaConf.update(cfg, p.key_or_group, p.value(), merge=True, force_add=p.is_add())
     return cfg
@@ -210,8 +213,10 @@ BAD = [
     (["callbacks.model_checkpoint.save_top_k=-2"], "callbacks.model_checkpoint.save_top_k=-2"),
     (["callbacks.model_checkpoint.mode=maximum"], "callbacks.model_checkpoint.mode=maximum"),
     (["callbacks.model_checkpoint.monitor=top1"], "callbacks.model_checkpoint.monitor=top1"),
-    (["callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=3"],
-     "callbacks.model_checkpoint.save_top_k=3"),
+    (
+        ["callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=3"],
+        "callbacks.model_checkpoint.save_top_k=3",
+    ),
     (["callbacks.model_checkpoint.monitor=val/ema_top1"], "callbacks.model_checkpoint.monitor=val/ema_top1"),
     (["+callbacks.step_checkpoint.every_n_epochs=1"], "callbacks.step_checkpoint.every_n_train_steps=100"),
     (["callbacks.model_checkpoint.save_last=sometimes"], "callbacks.model_checkpoint.save_last=sometimes"),
@@ -273,7 +278,10 @@ BAD = [
     (["hparams_search=gmacs_budget_optuna", "budget.teacher_ratio=null", "budget.gmacs=-1"], "budget.gmacs=-1"),
     (["hparams_search=gmacs_budget_optuna", "budget.gmacs=2.5"], "budget.gmacs=2.5"),  # both set
     (["hparams_search=gmacs_budget_optuna", "+budget.limit=2"], "budget.limit=2"),
-    (["hparams_search=accuracy_gmacs_optuna", "+budget.gmacs=2.5"], "optimized_metric=[student_val_top1,student_gmacs]"),
+    (
+        ["hparams_search=accuracy_gmacs_optuna", "+budget.gmacs=2.5"],
+        "optimized_metric=[student_val_top1,student_gmacs]",
+    ),
 ]
 
 
@@ -292,8 +300,10 @@ def test_error_is_a_user_error_of_run():
 
 
 def test_messages_name_the_allowed_range_and_a_hint():
-    assert error_of("optim.lr=-1") == ("optim.lr=-1 must be a number > 0 (the peak learning rate for "
-                                       "optim.lr_base_batch images, scaled by the global batch)")
+    assert error_of("optim.lr=-1") == (
+        "optim.lr=-1 must be a number > 0 (the peak learning rate for "
+        "optim.lr_base_batch images, scaled by the global batch)"
+    )
     assert "did you mean optim.lr?" in error_of("+optim.lrr=1")
     assert "did you mean trainer.max_epochs?" in error_of("+trainer.max_epoch=3")
     assert "one of none, soft, hard" in error_of("distill.type=kl")
@@ -315,14 +325,18 @@ GOOD_CONFIGS = (
     + [[f"method={m}"] for m in _names("method")]
     + [[f"model={m}", "method=none"] for m in _names("model")]
     + [["model=deit_s", f"method={m}"] for m in _names("method")]
-    + [[f"schedule={s}"] for s in _names("schedule") if s != "staged"] + [["method=evit", "schedule=staged"]]
+    + [[f"schedule={s}"] for s in _names("schedule") if s != "staged"]
+    + [["method=evit", "schedule=staged"]]
     + [["model=deit_s", f"data={d}"] for d in _names("data") if d != "digits"]
     + [[f"trainer={t}"] for t in _names("trainer")]
-    + [[f"logger={lg}"] for lg in _names("logger")] + [["~logger"]]
-    + [[f"callbacks={c}"] for c in _names("callbacks")] + [["~callbacks"]]
+    + [[f"logger={lg}"] for lg in _names("logger")]
+    + [["~logger"]]
+    + [[f"callbacks={c}"] for c in _names("callbacks")]
+    + [["~callbacks"]]
     + [[f"hparams_search={h}"] for h in _names("hparams_search")]
     + [[f"optim={o}"] for o in _names("optim")]
-    + [[f"debug={d}"] for d in _names("debug")] + [["model=deit_s", f"debug={d}"] for d in _names("debug")]
+    + [[f"debug={d}"] for d in _names("debug")]
+    + [["model=deit_s", f"debug={d}"] for d in _names("debug")]
     + [["train=false"]]
 )
 
@@ -342,42 +356,91 @@ def test_default_config_passes_on_this_machine():
 
 
 EDGES = [
-    ["trainer.limit_train_batches=1.0"], ["trainer.limit_train_batches=5"], ["trainer.limit_train_batches=0.25"],
-    ["trainer.limit_val_batches=1"], ["model.bootstrap.limit_train_batches=3"],
-    ["trainer.precision=bf16-mixed"], ["trainer.precision=16-mixed"], ["trainer.precision=32"],
-    ["trainer.precision=bf16"], ["trainer.precision=64-true"],
-    ["trainer.devices=auto"], ["trainer.devices=-1"], ["trainer.devices=2"], ["trainer.devices=[0,1]"],
-    ["trainer.devices='0,1'"], ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
-    ["trainer=ddp", "trainer.strategy=ddp_find_unused_parameters_true"], ["trainer.num_nodes=4"],
-    ["+trainer.val_check_interval=0.5"], ["+trainer.val_check_interval=10"], ["+trainer.max_steps=100"],
-    ["trainer.gradient_clip_val=null"], ["trainer.gradient_clip_val=0"], ["trainer.max_epochs=1"],
-    ["trainer.min_epochs=5"], ["trainer.num_sanity_val_steps=-1"], ["trainer.deterministic=warn"],
-    ["seed=0"], ["seed=null"], ["seed=4294967295"], ["ckpt_path=last"], ["ckpt_path=/some/last.ckpt"],
-    ["optim.warmup_epochs=0.5"], ["optim.lr=1"], ["optim.backbone_lr_scale=0"], ["optim.frozen_params=pos_embed"],
-    ["optim.sched=constant"], ["optim.sched=tanh"], ["optim.name=lamb"], ["+optim.amsgrad=true"],
-    ["optim=sgd", "+optim.nesterov=false"], ["optim=sgd", "optim.momentum=0"], ["optim=sgd", "optim.name=momentum"],
-    ["threads=1"], ["threads=null"], ["profile.rounds=1", "profile.iters=1", "profile.warmup=0"],
+    ["trainer.limit_train_batches=1.0"],
+    ["trainer.limit_train_batches=5"],
+    ["trainer.limit_train_batches=0.25"],
+    ["trainer.limit_val_batches=1"],
+    ["model.bootstrap.limit_train_batches=3"],
+    ["trainer.precision=bf16-mixed"],
+    ["trainer.precision=16-mixed"],
+    ["trainer.precision=32"],
+    ["trainer.precision=bf16"],
+    ["trainer.precision=64-true"],
+    ["trainer.devices=auto"],
+    ["trainer.devices=-1"],
+    ["trainer.devices=2"],
+    ["trainer.devices=[0,1]"],
+    ["trainer.devices='0,1'"],
+    ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+    ["trainer=ddp", "trainer.strategy=ddp_find_unused_parameters_true"],
+    ["trainer.num_nodes=4"],
+    ["+trainer.val_check_interval=0.5"],
+    ["+trainer.val_check_interval=10"],
+    ["+trainer.max_steps=100"],
+    ["trainer.gradient_clip_val=null"],
+    ["trainer.gradient_clip_val=0"],
+    ["trainer.max_epochs=1"],
+    ["trainer.min_epochs=5"],
+    ["trainer.num_sanity_val_steps=-1"],
+    ["trainer.deterministic=warn"],
+    ["seed=0"],
+    ["seed=null"],
+    ["seed=4294967295"],
+    ["ckpt_path=last"],
+    ["ckpt_path=/some/last.ckpt"],
+    ["optim.warmup_epochs=0.5"],
+    ["optim.lr=1"],
+    ["optim.backbone_lr_scale=0"],
+    ["optim.frozen_params=pos_embed"],
+    ["optim.sched=constant"],
+    ["optim.sched=tanh"],
+    ["optim.name=lamb"],
+    ["+optim.amsgrad=true"],
+    ["optim=sgd", "+optim.nesterov=false"],
+    ["optim=sgd", "optim.momentum=0"],
+    ["optim=sgd", "optim.name=momentum"],
+    ["threads=1"],
+    ["threads=null"],
+    ["profile.rounds=1", "profile.iters=1", "profile.warmup=0"],
     ["ema.enabled=true", "ema.decay=0.9999"],
     ["ema.enabled=true", "callbacks.model_checkpoint.monitor=val/ema_top1"],
     ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"],
-    ["callbacks.model_checkpoint.save_top_k=-1"], ["callbacks.step_checkpoint.every_n_train_steps=1"],
-    ["profile.device=cpu"], ["profile.enabled=false"], ["profile.batch_size=1"],
-    ["distill.type=none", "distill.weight=0"], ["distill.type=hard"], ["distill.tau=4"],
-    ["data.mixup.mixup_alpha=0.8", "data.batch_size=32"], ["data.eval_batch_size=null"], ["data.max_shift=0"],
-    ["data.val_per_class=499"], ["data.num_workers=2"],
-    [*IMAGENET, "data.auto_augment=null"], [*IMAGENET, "data.auto_augment=augmix-m5-w4-d2"],
-    [*IMAGENET, "data.auto_augment=original"], [*IMAGENET, "data.auto_augment=rand-m7-n3-mstd0.5"],
-    [*IMAGENET, "data.color_jitter=[0.4,0.4,0.4]"], [*IMAGENET, "data.color_jitter=null"],
-    [*IMAGENET, "data.crop_pct=1.0"], [*IMAGENET, "data.mixup.cutmix_minmax=[0.2,0.8]"],
+    ["callbacks.model_checkpoint.save_top_k=-1"],
+    ["callbacks.step_checkpoint.every_n_train_steps=1"],
+    ["profile.device=cpu"],
+    ["profile.enabled=false"],
+    ["profile.batch_size=1"],
+    ["distill.type=none", "distill.weight=0"],
+    ["distill.type=hard"],
+    ["distill.tau=4"],
+    ["data.mixup.mixup_alpha=0.8", "data.batch_size=32"],
+    ["data.eval_batch_size=null"],
+    ["data.max_shift=0"],
+    ["data.val_per_class=499"],
+    ["data.num_workers=2"],
+    [*IMAGENET, "data.auto_augment=null"],
+    [*IMAGENET, "data.auto_augment=augmix-m5-w4-d2"],
+    [*IMAGENET, "data.auto_augment=original"],
+    [*IMAGENET, "data.auto_augment=rand-m7-n3-mstd0.5"],
+    [*IMAGENET, "data.color_jitter=[0.4,0.4,0.4]"],
+    [*IMAGENET, "data.color_jitter=null"],
+    [*IMAGENET, "data.crop_pct=1.0"],
+    [*IMAGENET, "data.mixup.cutmix_minmax=[0.2,0.8]"],
     [*IMAGENET, "data.mixup.mixup_alpha=0", "data.mixup.cutmix_alpha=0", "data.batch_size=63"],
-    ["model=deit_s", "data=folder", "data.root=/x"], ["model=deit_s", "model.img_size=384"],
-    ["model=deit_s", "model.checkpoint=w.pth", "model.checkpoint_ema=true"], ["model.drop_path_rate=0.0"],
-    [*WANDB, "logger.wandb.offline=true", "logger.token_images.enabled=false"], [*WANDB, "logger.wandb.log_model=all"],
-    ["schedule=constant", "schedule.r=0"], ["schedule=decreasing", "schedule.inflect=0.5"],
+    ["model=deit_s", "data=folder", "data.root=/x"],
+    ["model=deit_s", "model.img_size=384"],
+    ["model=deit_s", "model.checkpoint=w.pth", "model.checkpoint_ema=true"],
+    ["model.drop_path_rate=0.0"],
+    [*WANDB, "logger.wandb.offline=true", "logger.token_images.enabled=false"],
+    [*WANDB, "logger.wandb.log_model=all"],
+    ["schedule=constant", "schedule.r=0"],
+    ["schedule=decreasing", "schedule.inflect=0.5"],
     ["method=evit", "schedule=staged", "schedule.keep_rate=[0.7,0.5]", "schedule.locations=[1,2]"],
     ["method=evit", "schedule=staged", "schedule.locations=[0.25,0.5,0.75]"],
     ["hparams_search=gmacs_budget_optuna", "budget.teacher_ratio=null", "budget.gmacs=2.5"],
-    ["tags=[a,b]"], ["tags=null"], ["optimized_metric=student_val_top1"],
+    ["tags=[a,b]"],
+    ["tags=null"],
+    ["optimized_metric=student_val_top1"],
 ]
 
 
@@ -388,12 +451,15 @@ def test_valid_edge_values_pass(overrides):
 
 # --- this machine ------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-@pytest.mark.parametrize("overrides,starts", [
-    (["trainer=gpu"], "trainer.accelerator=gpu"),
-    (["trainer.accelerator=cuda"], "trainer.accelerator=cuda"),
-    (["profile.device=cuda"], "profile.device=cuda"),
-    (["profile.device=cuda:1"], "profile.device=cuda:1"),
-])
+@pytest.mark.parametrize(
+    "overrides,starts",
+    [
+        (["trainer=gpu"], "trainer.accelerator=gpu"),
+        (["trainer.accelerator=cuda"], "trainer.accelerator=cuda"),
+        (["profile.device=cuda"], "profile.device=cuda"),
+        (["profile.device=cuda:1"], "profile.device=cuda:1"),
+    ],
+)
 def test_missing_gpu_is_one_line(overrides, starts):
     message = error_of(*overrides)
     assert "\n" not in message and message.startswith(starts + " ") and "use" in message, message
@@ -408,8 +474,11 @@ def test_run_stops_before_any_work(tmp_path):
     from src.trainer.run import run
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
-                                          "optim.lr=-1"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=[f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "optim.lr=-1"],
+            return_hydra_config=True,
+        )
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "out")
@@ -422,23 +491,36 @@ def test_run_stops_before_any_work(tmp_path):
 # --- the real entry points ---------------------------------------------------------------------------
 def entry_point(script: str, tmp: Path, *overrides: str):
     run_dir = tmp / "run"
-    cmd = [sys.executable, str(ROOT / script), f"paths.log_dir={tmp / 'logs'}", f"paths.cache_dir={tmp / 'cache'}",
-           f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [
+        sys.executable,
+        str(ROOT / script),
+        f"paths.log_dir={tmp / 'logs'}",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
     return proc, run_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,overrides,line", [
-    ("train.py", ["optim.lr=-1"], "error: optim.lr=-1 must be a number > 0"),
-    ("train.py", ["seed=-1"], "error: seed=-1 must be null or an integer between 0 and 4294967295"),
-    ("train.py", ["+optim.lrr=1"], "error: optim.lrr=1 is not a setting of optim (did you mean optim.lr?)"),
-    ("train.py", ["data.batch_size=0"], "error: data.batch_size=0 must be an integer >= 1"),
-    ("eval.py", ["trainer.precision=17"], "error: trainer.precision=17 must be one of 32-true"),
-    ("eval.py", ["callbacks.step_checkpoint.every_n_train_steps=0"],
-     "error: callbacks.step_checkpoint.every_n_train_steps=0 must be an integer >= 1"),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    "script,overrides,line",
+    [
+        ("train.py", ["optim.lr=-1"], "error: optim.lr=-1 must be a number > 0"),
+        ("train.py", ["seed=-1"], "error: seed=-1 must be null or an integer between 0 and 4294967295"),
+        ("train.py", ["+optim.lrr=1"], "error: optim.lrr=1 is not a setting of optim (did you mean optim.lr?)"),
+        ("train.py", ["data.batch_size=0"], "error: data.batch_size=0 must be an integer >= 1"),
+        ("eval.py", ["trainer.precision=17"], "error: trainer.precision=17 must be one of 32-true"),
+        (
+            "eval.py",
+            ["callbacks.step_checkpoint.every_n_train_steps=0"],
+            "error: callbacks.step_checkpoint.every_n_train_steps=0 must be an integer >= 1",
+        ),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
 def test_entry_points_exit_2_with_one_line_and_write_nothing(tmp_path, script, overrides, line):
     proc, run_dir = entry_point(script, tmp_path, *overrides)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -1,4 +1,5 @@
 """The embedded digits split and the ImageFolder data module."""
+
 import pytest
 import torch
 
@@ -200,8 +201,8 @@ def test_resumable_sampler_resumes_mid_epoch_on_every_rank_and_across_world_size
         s.load_state_dict(state)
         seen += [i for i, _ in s]
     order = s.order(epoch)
-    assert len(order) == 24 and sorted(seen) == sorted(order[taken * world:])
-    assert sorted(order[:taken * world]) == sorted(i for r in range(world) for i, _ in full[r][:taken])
+    assert len(order) == 24 and sorted(seen) == sorted(order[taken * world :])
+    assert sorted(order[: taken * world]) == sorted(i for r in range(world) for i, _ in full[r][:taken])
 
 
 def test_resumable_sampler_resumed_at_an_epoch_end_starts_the_next_epoch():

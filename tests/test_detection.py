@@ -1,4 +1,5 @@
 """The STViT-R detection backbone: pyramid shapes for several sizes, torchvision Faster R-CNN steps."""
+
 import pytest
 import timm
 import torch
@@ -11,8 +12,17 @@ from src.models.detection import ViTDetBackbone
 
 def _vit(method="stvit", **params):
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, embed_dim=48,
-                            depth=4, num_heads=3, num_classes=0, dynamic_img_size=True)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=64,
+        patch_size=8,
+        embed_dim=48,
+        depth=4,
+        num_heads=3,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
     if method == "stvit":
         apply_reduction(vit, "stvit", block=1, pool_size=2, recover=True, **params)
     return vit
@@ -31,17 +41,19 @@ def test_pyramid_levels_for_several_image_sizes(method, size):
 
 def _detector(backbone):
     anchors = AnchorGenerator(((16,), (32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 5)
-    return FasterRCNN(backbone, num_classes=11, min_size=64, max_size=64, rpn_anchor_generator=anchors,
-                      box_detections_per_img=10)
+    return FasterRCNN(
+        backbone, num_classes=11, min_size=64, max_size=64, rpn_anchor_generator=anchors, box_detections_per_img=10
+    )
 
 
 def test_faster_rcnn_training_step_reaches_recovery_and_pyramid():
     bb = ViTDetBackbone(_vit(), out_channels=16, scale_factors=(2.0, 1.0, 0.5, 0.25))
     model = _detector(bb).train()
     images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 34.0]]), "labels": torch.tensor([3])},
-               {"boxes": torch.tensor([[20.0, 10.0, 50.0, 44.0], [2.0, 2.0, 18.0, 20.0]]),
-                "labels": torch.tensor([1, 7])}]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 34.0]]), "labels": torch.tensor([3])},
+        {"boxes": torch.tensor([[20.0, 10.0, 50.0, 44.0], [2.0, 2.0, 18.0, 20.0]]), "labels": torch.tensor([1, 7])},
+    ]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     losses = model(images, targets)
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -61,8 +73,16 @@ def test_faster_rcnn_training_step_reaches_recovery_and_pyramid():
 
 
 def test_backbone_refuses_maps_it_cannot_build():
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, embed_dim=48,
-                            depth=4, num_heads=3, num_classes=0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=64,
+        patch_size=8,
+        embed_dim=48,
+        depth=4,
+        num_heads=3,
+        num_classes=0,
+    )
     apply_reduction(vit, "stvit", block=1, pool_size=2)
     with pytest.raises(ReductionConfigError, match="recover=True"):
         ViTDetBackbone(vit)
@@ -82,9 +102,31 @@ def test_new_module_names_resolve():
 def _demo_args(*extra):
     from scripts.detection_demo import parse_args
 
-    return parse_args(["--init", "scratch", "--canvas", "64", "--dim", "32", "--depth", "3", "--heads", "2",
-                       "--channels", "16", "--box-head", "32", "--batch-size", "2", "--val", "3", "--pool-size", "2",
-                       *extra])
+    return parse_args(
+        [
+            "--init",
+            "scratch",
+            "--canvas",
+            "64",
+            "--dim",
+            "32",
+            "--depth",
+            "3",
+            "--heads",
+            "2",
+            "--channels",
+            "16",
+            "--box-head",
+            "32",
+            "--batch-size",
+            "2",
+            "--val",
+            "3",
+            "--pool-size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_demo_split_has_every_class_on_both_sides_and_no_shared_digit():
@@ -129,8 +171,18 @@ def test_demo_vit_takes_the_digit_teacher_weights_with_resampled_patch_embedding
     from scripts.detection_demo import make_vit
 
     torch.manual_seed(1)
-    teacher = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, embed_dim=32,
-                                depth=3, num_heads=2, mlp_ratio=2.0, in_chans=1, num_classes=10)
+    teacher = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        mlp_ratio=2.0,
+        in_chans=1,
+        num_classes=10,
+    )
     weights = {k: v for k, v in teacher.state_dict().items() if not k.startswith("head.")}
     vit = make_vit(_demo_args(), weights)
     assert torch.equal(vit.blocks[2].mlp.fc2.weight, teacher.blocks[2].mlp.fc2.weight)
@@ -141,8 +193,9 @@ def test_demo_vit_takes_the_digit_teacher_weights_with_resampled_patch_embedding
     digit = digit_splits()[0][:4]
     with torch.no_grad():
         ref = teacher.patch_embed.proj(digit)
-        got = vit.patch_embed.proj(torch.nn.functional.interpolate(digit, size=(32, 32), mode="bilinear",
-                                                                   align_corners=False))
+        got = vit.patch_embed.proj(
+            torch.nn.functional.interpolate(digit, size=(32, 32), mode="bilinear", align_corners=False)
+        )
     assert got.shape == ref.shape == (4, 32, 4, 4)
     assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.9
 
@@ -160,9 +213,9 @@ def test_demo_pyramid_strides_are_the_roi_pooler_scales():
 
 
 def test_demo_one_training_step_and_evaluation():
-    from scripts.detection_demo import digit_splits, make_canvas, train_and_eval
-
     import numpy as np
+
+    from scripts.detection_demo import digit_splits, make_canvas, train_and_eval
 
     args = _demo_args("--steps", "1")
     train_x, train_y, val_x, val_y = digit_splits()
@@ -176,7 +229,8 @@ def test_demo_one_training_step_and_evaluation():
     # STViT-R runs its later blocks on 4 semantic tokens: fewer ViT MACs than the unreduced ViT, same pyramid
     assert out["stvit"]["vit_gmacs"] < out["none"]["vit_gmacs"]
     assert out["stvit"]["backbone_gmacs"] - out["stvit"]["vit_gmacs"] == pytest.approx(
-        out["none"]["backbone_gmacs"] - out["none"]["vit_gmacs"], rel=1e-3)
+        out["none"]["backbone_gmacs"] - out["none"]["vit_gmacs"], rel=1e-3
+    )
 
 
 def test_demo_teacher_is_the_quickstart_teacher_at_its_own_epochs(tmp_path):

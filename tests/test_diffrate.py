@@ -1,5 +1,6 @@
 """DiffRate: reference semantics, token counts, protected tokens, identity, gradients, errors, GMACs
 (the golden logits are checked in test_golden.py)."""
+
 from pathlib import Path
 
 import pytest
@@ -114,8 +115,9 @@ def test_cls_stays_first_and_sources_partition_the_kept_image():
 
 def test_distillation_token_is_protected():
     model = tiny_vit(cls=VisionTransformerDistilled)
-    apply_reduction(model, "diffrate", prune_kept_num=[60, 40, 30, 20], merge_kept_num=[50, 40, 20, 10],
-                    trace_source=True)
+    apply_reduction(
+        model, "diffrate", prune_kept_num=[60, 40, 30, 20], merge_kept_num=[50, 40, 20, 10], trace_source=True
+    )
     with torch.no_grad():
         state = model.forward_tokens(images(2))
     assert state.tokens_per_block == [50, 40, 20, 10]
@@ -136,8 +138,9 @@ def test_no_reduction_equals_unpatched_timm():
 
 def test_fractions_of_the_patch_tokens():
     model = tiny_vit()
-    frac = apply_reduction(model, "diffrate", prune_kept_num=[1.0, 0.5, 0.25, 0.25],
-                           merge_kept_num=[0.75, 0.5, 0.2, 0.1]).reduction
+    frac = apply_reduction(
+        model, "diffrate", prune_kept_num=[1.0, 0.5, 0.25, 0.25], merge_kept_num=[0.75, 0.5, 0.2, 0.1]
+    ).reduction
     assert frac.prune_kept_num == [65, 33, 17, 17] and frac.merge_kept_num == [49, 33, 14, 7]
 
 
@@ -150,14 +153,17 @@ def test_gradients_flow_in_train_mode():
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("params,match", [
-    ({"prune_kept_num": [65] * 3}, r"prune_kept_num has 3 entries but the model has 4 blocks"),
-    ({"merge_kept_num": [65, 66, 30, 20]}, r"merge_kept_num\[1\]=66: .* int in \[2, 65\]"),
-    ({"prune_kept_num": [65, 1, 30, 20]}, r"prune_kept_num\[1\]=1: .* int in \[2, 65\]"),
-    ({"prune_kept_num": [65, True, 30, 20]}, r"prune_kept_num\[1\]=True"),
-    ({"prune_kept_num": [65, 1.5, 30, 20]}, r"prune_kept_num\[1\]=1.5: .* in \(0, 1\]"),
-    ({"prune_kept_num": 60}, r"prune_kept_num=60: give a list with one kept-token count per block \(4"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"prune_kept_num": [65] * 3}, r"prune_kept_num has 3 entries but the model has 4 blocks"),
+        ({"merge_kept_num": [65, 66, 30, 20]}, r"merge_kept_num\[1\]=66: .* int in \[2, 65\]"),
+        ({"prune_kept_num": [65, 1, 30, 20]}, r"prune_kept_num\[1\]=1: .* int in \[2, 65\]"),
+        ({"prune_kept_num": [65, True, 30, 20]}, r"prune_kept_num\[1\]=True"),
+        ({"prune_kept_num": [65, 1.5, 30, 20]}, r"prune_kept_num\[1\]=1.5: .* in \(0, 1\]"),
+        ({"prune_kept_num": 60}, r"prune_kept_num=60: give a list with one kept-token count per block \(4"),
+    ],
+)
 def test_bad_parameters_are_clear_errors_at_apply_time(params, match):
     with pytest.raises(ReductionConfigError, match=match):
         apply_reduction(tiny_vit(), "diffrate", **params)
@@ -187,8 +193,9 @@ def test_search_gmacs_are_the_counted_gmacs_of_the_schedule():
     with torch.no_grad():
         logits, gmacs = search_forward(model, rates, images(2))
     assert logits.shape == (2, 10)
-    counted = count_gmacs(apply_reduction(tiny_vit(), "diffrate", prune_kept_num=[65, 60, 50, 40],
-                                          merge_kept_num=[65, 56, 44, 30]), 64, 3)
+    counted = count_gmacs(
+        apply_reduction(tiny_vit(), "diffrate", prune_kept_num=[65, 60, 50, 40], merge_kept_num=[65, 56, 44, 30]), 64, 3
+    )
     assert abs(gmacs.item() - counted) < 0.002 * counted  # the counter also sees the CLS-attention rows
 
 
@@ -213,8 +220,9 @@ def test_search_reaches_the_budget_with_the_backbone_frozen():
     base = count_gmacs(model, 64, 3)
     torch.manual_seed(0)
     data = [(images(8, seed=s), torch.randint(0, 10, (8,))) for s in range(2)]
-    prune, merge = search_kept_numbers(model, data, target_gmacs=0.7 * base, epochs=20, lr=0.3, min_lr=0.03,
-                                       flops_weight=1e5)
+    prune, merge = search_kept_numbers(
+        model, data, target_gmacs=0.7 * base, epochs=20, lr=0.3, min_lr=0.03, flops_weight=1e5
+    )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(q.requires_grad for q in model.parameters()) and not model.training
     counted = count_gmacs(apply_reduction(tiny_vit(), "diffrate", prune_kept_num=prune, merge_kept_num=merge), 64, 3)

@@ -2,6 +2,7 @@
 invocations meeting at 127.0.0.1. Validation top-1 under DDP must be the exact single-process value
 (no sample counted twice through sampler padding, none missed), the checkpoint is written once, the
 lr scales with the global batch."""
+
 import json
 import subprocess
 import sys
@@ -101,7 +102,10 @@ def check_ddp_run(run_dir: Path, out: str, single: dict, cache: Path, world: int
     # the checkpoint is written once (by rank 0), nothing per rank: best + last of the epoch callback and
     # the crash-safe step callback's last-step (ckpt_path=last resumes from the newest)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "best-epoch000.ckpt", "last-step.ckpt", "last.ckpt"]
+        "best-epoch000.ckpt",
+        "last-step.ckpt",
+        "last.ckpt",
+    ]
     ckpt = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4 // accumulate  # limit_train_batches=4 per rank
     # optim.lr is for optim.lr_base_batch images: scaled by world x per-device batch x accumulation
@@ -128,12 +132,36 @@ def test_two_nodes_via_torchrun_rendezvous(single, tmp_path_factory):
     port = free_port()
     procs = []
     for node in (0, 1):
-        launcher = (sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                    "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port))
-        cmd = train_cmd(run_dir, cache, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1",
-                        "trainer.num_nodes=2", "trainer.accumulate_grad_batches=2", launcher=launcher)
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=env(), cwd=run_dir.parent))
+        launcher = (
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(node),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+        )
+        cmd = train_cmd(
+            run_dir,
+            cache,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.num_nodes=2",
+            "trainer.accumulate_grad_batches=2",
+            launcher=launcher,
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=run_dir.parent
+            )
+        )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "All distributed processes registered. Starting with 2" in outs[0]

@@ -1,4 +1,5 @@
 """DynamicViT: predictors, masked-softmax training path, top-k inference path, losses, checkpoints."""
+
 import copy
 
 import pytest
@@ -15,8 +16,7 @@ from tests import golden
 
 def tiny(depth=4, img=32, **kw):
     torch.manual_seed(0)
-    return VisionTransformer(img_size=img, patch_size=8, embed_dim=32, depth=depth, num_heads=2,
-                             num_classes=10, **kw)
+    return VisionTransformer(img_size=img, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=10, **kw)
 
 
 def patched(keep_rate=0.7, locations=(1, 2, 3), **kw):
@@ -47,13 +47,13 @@ def ref_block(blk, x, policy):
 def ref_predictor(pred, x, prev):
     x = pred.in_conv(x)
     B, N, C = x.shape
-    g = (x[:, :, C // 2:] * prev).sum(dim=1, keepdim=True) / prev.sum(dim=1, keepdim=True)
+    g = (x[:, :, C // 2 :] * prev).sum(dim=1, keepdim=True) / prev.sum(dim=1, keepdim=True)
     return pred.out_conv(torch.cat([x[:, :, : C // 2], g.expand(B, N, C // 2)], dim=-1))
 
 
 def ref_forward(model, images, keep_rate, locations, training):
     """Returns (logits, normed tokens, decisions, final prev) as the reference does."""
-    ratios = [keep_rate, keep_rate ** 2, keep_rate ** 3, keep_rate ** 4][: len(locations)]
+    ratios = [keep_rate, keep_rate**2, keep_rate**3, keep_rate**4][: len(locations)]
     x = model._pos_embed(model.patch_embed(images))
     B, n = x.shape[0], x.shape[1] - 1
     prev = torch.ones(B, n, 1, dtype=x.dtype)
@@ -80,9 +80,16 @@ def ref_forward(model, images, keep_rate, locations, training):
 
 # --- predictors and checkpoint keys ---------------------------------------------------------------
 OFFICIAL_SUFFIXES = [
-    "in_conv.0.weight", "in_conv.0.bias", "in_conv.1.weight", "in_conv.1.bias",
-    "out_conv.0.weight", "out_conv.0.bias", "out_conv.2.weight", "out_conv.2.bias",
-    "out_conv.4.weight", "out_conv.4.bias",
+    "in_conv.0.weight",
+    "in_conv.0.bias",
+    "in_conv.1.weight",
+    "in_conv.1.bias",
+    "out_conv.0.weight",
+    "out_conv.0.bias",
+    "out_conv.2.weight",
+    "out_conv.2.bias",
+    "out_conv.4.weight",
+    "out_conv.4.bias",
 ]
 
 
@@ -256,7 +263,9 @@ def test_golden_weights_eval_variants_match_reference_transcription(keep_rate, l
     sd = golden.case_state_dict(case)
     apply_reduction(model, "dynamicvit", keep_rate=keep_rate, locations=locations)
     if len(locations) != 3:
-        sd = {k: v for k, v in sd.items() if not k.startswith("score_predictor.") or int(k.split(".")[1]) < len(locations)}
+        sd = {
+            k: v for k, v in sd.items() if not k.startswith("score_predictor.") or int(k.split(".")[1]) < len(locations)
+        }
     load_weights(model, sd)
     model.eval()
     images = golden.inputs()[:2]
@@ -281,8 +290,15 @@ def test_inference_token_counts_compound():
     # 16 patches: int(16 * 0.7) = 11, int(16 * 0.49) = 7, int(16 * 0.343) = 5
     assert state.tokens_per_block == [17, 12, 8, 6]
     assert model.reduction.metrics(state) == pytest.approx(
-        {"keep_ratio_stage0": 11 / 16, "keep_ratio_stage1": 7 / 16, "keep_ratio_stage2": 5 / 16,
-         "keep_ratio_target_stage0": 0.7, "keep_ratio_target_stage1": 0.49, "keep_ratio_target_stage2": 0.343})
+        {
+            "keep_ratio_stage0": 11 / 16,
+            "keep_ratio_stage1": 7 / 16,
+            "keep_ratio_stage2": 5 / 16,
+            "keep_ratio_target_stage0": 0.7,
+            "keep_ratio_target_stage1": 0.49,
+            "keep_ratio_target_stage2": 0.343,
+        }
+    )
 
 
 def test_counts_use_the_actual_patch_count():
@@ -319,7 +335,7 @@ def test_eval_batch_independence():
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -339,12 +355,19 @@ def test_keep_ratio_loss_on_hand_made_decisions():
     d1 = torch.zeros(2, 10)
     d1[0, :5] = 1  # 0.5 vs 0.49 -> 0.01
     d1[1, :4] = 1  # 0.4 vs 0.49 -> -0.09
-    expected = (0.0 + 0.2 ** 2) / 2 + (0.01 ** 2 + 0.09 ** 2) / 2  # 0.0241
+    expected = (0.0 + 0.2**2) / 2 + (0.01**2 + 0.09**2) / 2  # 0.0241
     assert method.ratio_loss([d0, d1]).item() == pytest.approx(expected, abs=1e-7)
     x = torch.randn(2, 11, 4)
     state = fake_state([d0, d1], d1[..., None], x)
-    terms = method.losses(state, logits=torch.zeros(2, 3), teacher_logits=torch.zeros(2, 3),
-                          teacher_state=fake_state([], None, x.clone()), targets=None, epoch=0, step=0)
+    terms = method.losses(
+        state,
+        logits=torch.zeros(2, 3),
+        teacher_logits=torch.zeros(2, 3),
+        teacher_state=fake_state([], None, x.clone()),
+        targets=None,
+        epoch=0,
+        step=0,
+    )
     # weighted: ratio_weight 2.0 / 2 stages
     assert terms["ratio"].item() == pytest.approx(2.0 * expected / 2, abs=1e-7)
     assert terms["cls_distill"].item() == pytest.approx(0.0, abs=1e-7)
@@ -362,15 +385,21 @@ def test_distillation_terms_on_hand_made_inputs():
     t[1, 0] = 100.0  # CLS: must not count
     logits = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
     t_logits = torch.log(torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
-    terms = method.losses(fake_state([prev[..., 0]], prev, x), logits=logits, teacher_logits=t_logits,
-                          teacher_state=fake_state([], None, t), targets=None, epoch=0, step=0)
+    terms = method.losses(
+        fake_state([prev[..., 0]], prev, x),
+        logits=logits,
+        teacher_logits=t_logits,
+        teacher_state=fake_state([], None, t),
+        targets=None,
+        epoch=0,
+        step=0,
+    )
     kl = (0.25 * torch.log(torch.tensor(0.25 / 0.5)) + 0.75 * torch.log(torch.tensor(0.75 / 0.5))) / 2
     assert terms["cls_distill"].item() == pytest.approx(0.5 * kl.item(), rel=1e-5)
     # 3 kept tokens x 3 channels, total squared error 3 -> mean 1/3
     assert terms["token_distill"].item() == pytest.approx(0.5 * 3 / 9, rel=1e-6)
     with pytest.raises(ValueError, match="teacher_state"):
-        method.losses(fake_state([prev[..., 0]], prev, x), logits=logits, teacher_logits=t_logits,
-                      teacher_state=None)
+        method.losses(fake_state([prev[..., 0]], prev, x), logits=logits, teacher_logits=t_logits, teacher_state=None)
     assert method.losses(fake_state([], prev, x, training=False), logits=logits) == {}
 
 
@@ -385,8 +414,9 @@ def test_gradients_reach_predictors_and_backbone():
     with torch.no_grad():
         t_state = teacher.forward_tokens(x)
         t_logits = teacher.forward_head(t_state.x)
-    terms = model.reduction.losses(state, logits=logits, targets=None, teacher_logits=t_logits,
-                                   teacher_state=t_state, epoch=0, step=0)
+    terms = model.reduction.losses(
+        state, logits=logits, targets=None, teacher_logits=t_logits, teacher_state=t_state, epoch=0, step=0
+    )
     assert set(terms) == {"ratio", "cls_distill", "token_distill"}
     (F.cross_entropy(logits, torch.arange(4)) + sum(terms.values())).backward()
     for s, pred in enumerate(model.score_predictor):
@@ -394,8 +424,12 @@ def test_gradients_reach_predictors_and_backbone():
         assert g is not None and g.abs().sum() > 0, f"stage {s} predictor gets no gradient"
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     metrics = model.reduction.metrics(state)
-    assert set(metrics) == {"keep_ratio_stage0", "keep_ratio_stage1", "keep_ratio_target_stage0",
-                            "keep_ratio_target_stage1"}
+    assert set(metrics) == {
+        "keep_ratio_stage0",
+        "keep_ratio_stage1",
+        "keep_ratio_target_stage0",
+        "keep_ratio_target_stage1",
+    }
     assert 0.0 <= metrics["keep_ratio_stage1"] <= metrics["keep_ratio_stage0"] <= 1.0
 
 
@@ -410,19 +444,25 @@ def test_training_at_low_keep_rate_is_finite():
 
 
 # --- configuration errors -------------------------------------------------------------------------
-@pytest.mark.parametrize("params,match", [
-    ({"keep_rate": 0.0}, "keep_rate must be a number in \\(0, 1\\]"),
-    ({"keep_rate": 1.5}, "keep_rate must be a number in \\(0, 1\\]"),
-    ({"keep_rate": "0.7"}, "keep_rate"),
-    ({"locations": [1, 9]}, r"location 9 is not a block index of this 4-block model; use a 0-based int in \[0, 3\]"),
-    ({"locations": [2, 1]}, "strictly increasing"),
-    ({"locations": []}, "non-empty list"),
-    ({"locations": 2}, "non-empty list"),
-    ({"keep_rate": 0.1, "locations": [1, 2, 3]}, "keeps int\\(16 \\* 0.001\\) = 0 patch tokens"),
-    ({"ratio_weight": -1.0}, "ratio_weight must be a number >= 0"),
-    ({"distill_weight": float("nan")}, "distill_weight"),
-    ({"bogus": 1}, "does not take \\['bogus'\\]"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"keep_rate": 0.0}, "keep_rate must be a number in \\(0, 1\\]"),
+        ({"keep_rate": 1.5}, "keep_rate must be a number in \\(0, 1\\]"),
+        ({"keep_rate": "0.7"}, "keep_rate"),
+        (
+            {"locations": [1, 9]},
+            r"location 9 is not a block index of this 4-block model; use a 0-based int in \[0, 3\]",
+        ),
+        ({"locations": [2, 1]}, "strictly increasing"),
+        ({"locations": []}, "non-empty list"),
+        ({"locations": 2}, "non-empty list"),
+        ({"keep_rate": 0.1, "locations": [1, 2, 3]}, "keeps int\\(16 \\* 0.001\\) = 0 patch tokens"),
+        ({"ratio_weight": -1.0}, "ratio_weight must be a number >= 0"),
+        ({"distill_weight": float("nan")}, "distill_weight"),
+        ({"bogus": 1}, "does not take \\['bogus'\\]"),
+    ],
+)
 def test_bad_parameters_raise_before_any_forward(params, match):
     with pytest.raises(ReductionConfigError, match=match):
         apply_reduction(tiny(), "dynamicvit", **{"locations": [1, 2, 3], **params})
@@ -444,12 +484,28 @@ def test_train_py_finetune_lowers_the_keep_ratio_loss(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "train.py", "experiment=dynamicvit_digits", "model.bootstrap.enabled=false",
-           "trainer.max_epochs=2", "trainer.limit_train_batches=8", "trainer.limit_val_batches=1",
-           "trainer.enable_progress_bar=false", "profile.enabled=false", "ema.enabled=false", "callbacks=none",
-           "logger=csv", "optim.backbone_freeze_epochs=2", "optim.lr=1e-2", "optim.lr_base_batch=16",
-           "optim.warmup_epochs=0", "data.batch_size=16", "data.eval_batch_size=50",
-           f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=dynamicvit_digits",
+        "model.bootstrap.enabled=false",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=8",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "profile.enabled=false",
+        "ema.enabled=false",
+        "callbacks=none",
+        "logger=csv",
+        "optim.backbone_freeze_epochs=2",
+        "optim.lr=1e-2",
+        "optim.lr_base_batch=16",
+        "optim.warmup_epochs=0",
+        "data.batch_size=16",
+        "data.eval_batch_size=50",
+        f"hydra.run.dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
@@ -461,6 +517,7 @@ def test_train_py_finetune_lowers_the_keep_ratio_loss(tmp_path):
     assert [float(val[f"val/keep_ratio_stage{s}"]) for s in range(3)] == [11 / 16, 7 / 16, 5 / 16]
     # summary.json carries the last epoch's keep ratios next to their targets
     import json
+
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [summary[f"val_keep_ratio_stage{s}"] for s in range(3)] == [11 / 16, 7 / 16, 5 / 16]
     assert [summary[f"train_keep_ratio_target_stage{s}"] for s in range(3)] == pytest.approx([0.7, 0.49, 0.343])
@@ -479,13 +536,29 @@ def test_train_py_at_keep_rate_0_3_is_finite_with_clipping_on(tmp_path):
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "train.py", "experiment=dynamicvit_digits", "model.bootstrap.enabled=false",
-           "method.params.keep_rate=0.3", "method.params.locations=[1,2]", "trainer.max_epochs=1",
-           "trainer.limit_train_batches=6", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=1",
-           "trainer.enable_progress_bar=false",
-           "profile.enabled=false", "ema.enabled=false", "callbacks=none", "logger=csv",
-           "optim.backbone_freeze_epochs=0", "optim.warmup_epochs=0", "data.batch_size=16",
-           "data.eval_batch_size=50", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=dynamicvit_digits",
+        "model.bootstrap.enabled=false",
+        "method.params.keep_rate=0.3",
+        "method.params.locations=[1,2]",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=6",
+        "trainer.log_every_n_steps=1",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "profile.enabled=false",
+        "ema.enabled=false",
+        "callbacks=none",
+        "logger=csv",
+        "optim.backbone_freeze_epochs=0",
+        "optim.warmup_epochs=0",
+        "data.batch_size=16",
+        "data.eval_batch_size=50",
+        f"hydra.run.dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert yaml.safe_load((tmp_path / ".hydra" / "config.yaml").read_text())["trainer"]["gradient_clip_val"] == 5.0
@@ -493,5 +566,7 @@ def test_train_py_at_keep_rate_0_3_is_finite_with_clipping_on(tmp_path):
     losses = [float(v) for r in rows for k, v in r.items() if k.startswith("train/loss") and v]
     assert len(losses) >= 6 * 5 and all(math.isfinite(v) for v in losses)  # 5 loss terms, every step
     val = next(r for r in rows if r.get("val/keep_ratio_stage0"))
-    assert [float(val[f"val/keep_ratio_stage{s}"]) for s in range(2)] == [4 / 16, 1 / 16]  # int(16 * 0.3), int(16 * 0.09)
-
+    assert [float(val[f"val/keep_ratio_stage{s}"]) for s in range(2)] == [
+        4 / 16,
+        1 / 16,
+    ]  # int(16 * 0.3), int(16 * 0.09)

@@ -1,4 +1,5 @@
 """EViT: token counts, protected tokens, fused token, reference semantics, identity, errors, GMACs."""
+
 import math
 
 import pytest
@@ -144,12 +145,17 @@ def test_batch_independence():
     x = images(4)
     with torch.no_grad():
         together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
-    "params", [dict(keep_rate=1.0, locations=[0, 2]), dict(keep_rate=0.5, locations=[]), dict(keep_rate=[1, 1], locations=[1, 3])]
+    "params",
+    [
+        dict(keep_rate=1.0, locations=[0, 2]),
+        dict(keep_rate=0.5, locations=[]),
+        dict(keep_rate=[1, 1], locations=[1, 3]),
+    ],
 )
 def test_keep_one_is_the_unpatched_model(params):
     model = tiny_vit()
@@ -185,8 +191,9 @@ def test_bad_params_raise_at_apply_time(params, match):
 
 
 def test_model_without_class_token_is_rejected():
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                              class_token=False, global_pool="avg")
+    model = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, class_token=False, global_pool="avg"
+    )
     with pytest.raises(ReductionConfigError, match="class token"):
         apply_reduction(model, "evit")
 

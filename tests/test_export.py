@@ -1,5 +1,6 @@
 """ONNX export (src.models.export.export_onnx): every method exports on a tiny model and onnxruntime
 reproduces PyTorch within 1e-4 relative; a method with a dynamic token schedule is refused clearly."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Every case in ../shared/golden reproduces the reference implementation's logits."""
+
 import pytest
 import timm
 import torch

@@ -1,4 +1,5 @@
 """GTP: reference semantics, graph, token counts, protected tokens, propagation, identity, errors, GMACs."""
+
 import pytest
 import timm
 import torch
@@ -34,7 +35,7 @@ def gtp_reference_logits(model, x, r, alpha, graph, num_neighbours, selection, s
     t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
     B, N, C = t.shape
     M = N - 1
-    side = int(M ** 0.5)
+    side = int(M**0.5)
     spatial = torch.zeros(M, M, dtype=t.dtype)
     for i in range(M):
         for j in range(M):
@@ -44,8 +45,11 @@ def gtp_reference_logits(model, x, r, alpha, graph, num_neighbours, selection, s
     sim = xn @ xn.transpose(-1, -2)
     thr = torch.kthvalue(sim, N - 1 - num_neighbours, dim=-1, keepdim=True)[0]
     semantic = torch.where(sim >= thr, 1.0, 0.0).to(t.dtype) - torch.eye(M, dtype=t.dtype)
-    A = {"spatial": spatial.expand(B, M, M), "semantic": semantic,
-         "mixed": torch.bitwise_or(semantic.int(), spatial.expand(B, M, M).int()).to(t.dtype)}[graph]
+    A = {
+        "spatial": spatial.expand(B, M, M),
+        "semantic": semantic,
+        "mixed": torch.bitwise_or(semantic.int(), spatial.expand(B, M, M).int()).to(t.dtype),
+    }[graph]
     D = torch.diag_embed(A.sum(-1) ** -0.5)
     W = D @ A @ D
     s = torch.ones(B, N, dtype=t.dtype) if token_scale else None
@@ -81,13 +85,22 @@ def gtp_reference_logits(model, x, r, alpha, graph, num_neighbours, selection, s
 
 CONFIGS = [
     dict(r=6, alpha=0.1, graph="mixed", num_neighbours=8, selection="mixed_attn_max", sparsity=1.0, token_scale=True),
-    dict(r=[5, 0, 9, 3], alpha=0.4, graph="semantic", num_neighbours=3, selection="mixed_attn_mean",
-         sparsity=0.7, token_scale=True),
-    dict(r=10, alpha=0.25, graph="spatial", num_neighbours=8, selection="sum_attn_max", sparsity=0.5,
-         token_scale=False),
+    dict(
+        r=[5, 0, 9, 3],
+        alpha=0.4,
+        graph="semantic",
+        num_neighbours=3,
+        selection="mixed_attn_mean",
+        sparsity=0.7,
+        token_scale=True,
+    ),
+    dict(
+        r=10, alpha=0.25, graph="spatial", num_neighbours=8, selection="sum_attn_max", sparsity=0.5, token_scale=False
+    ),
 ] + [
     dict(r=7, alpha=0.2, graph="mixed", num_neighbours=5, selection=s, sparsity=0.9, token_scale=True)
-    for s in SELECTIONS if s not in ("mixed_attn_max", "mixed_attn_mean", "sum_attn_max")
+    for s in SELECTIONS
+    if s not in ("mixed_attn_max", "mixed_attn_mean", "sum_attn_max")
 ]
 
 
@@ -105,14 +118,17 @@ def test_matches_reference_semantics(params):
 
 def test_spatial_graph_is_the_8_neighbourhood_of_the_actual_grid():
     g = spatial_graph((2, 3))  # 0 1 2 / 3 4 5
-    expected = torch.tensor([
-        [0, 1, 0, 1, 1, 0],
-        [1, 0, 1, 1, 1, 1],
-        [0, 1, 0, 0, 1, 1],
-        [1, 1, 0, 0, 1, 0],
-        [1, 1, 1, 1, 0, 1],
-        [0, 1, 1, 0, 1, 0],
-    ], dtype=torch.float32)
+    expected = torch.tensor(
+        [
+            [0, 1, 0, 1, 1, 0],
+            [1, 0, 1, 1, 1, 1],
+            [0, 1, 0, 0, 1, 1],
+            [1, 1, 0, 0, 1, 0],
+            [1, 1, 1, 1, 0, 1],
+            [0, 1, 1, 0, 1, 0],
+        ],
+        dtype=torch.float32,
+    )
     assert torch.equal(g, expected)
     assert spatial_graph((14, 14)).sum(-1).tolist().count(8.0) == 12 * 12  # interior tokens: 8 neighbours
 
@@ -153,8 +169,9 @@ def test_other_image_and_patch_sizes(img_size, patch_size, r, expected_last):
     with torch.no_grad():
         state = model.forward_tokens(x)
     assert state.tokens_per_block[-1] == expected_last
-    assert [a - b for a, b in zip([state.tokens_per_block[0] + r] + state.tokens_per_block[:-1],
-                                  state.tokens_per_block)] == [r] * 4
+    assert [
+        a - b for a, b in zip([state.tokens_per_block[0] + r] + state.tokens_per_block[:-1], state.tokens_per_block)
+    ] == [r] * 4
     m = model.patch_embed.num_patches
     assert state.extras[GRAPH_KEY].shape == (2, m, m)
 
@@ -205,7 +222,7 @@ def test_batch_independence():
     x = images(4)
     with torch.no_grad():
         together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -255,8 +272,9 @@ def test_bad_params_raise_at_apply_time(params, match):
 
 
 def test_model_without_class_token_is_rejected():
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                              class_token=False, global_pool="avg")
+    model = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, class_token=False, global_pool="avg"
+    )
     with pytest.raises(ReductionConfigError, match="class token"):
         apply_reduction(model, "gtp", r=1)
 
@@ -290,6 +308,7 @@ def test_gmacs_deit_base():
         assert abs(mixed_side - similarity) < 1e-9, (r, mixed_side)
         assert count_gmacs(model) == mixed
 
+
 def test_inference_map_buffer_is_reused_within_a_call_and_changes_nothing(monkeypatch):
     """Without autograd GTP's attention maps share one CPU buffer per forward pass (allocated once,
     by the first propagating block); outputs are identical to fresh maps, also for other batch sizes."""
@@ -321,4 +340,5 @@ def _fresh_maps(request):
         req = request(i, state)
         req.transient_map = False
         return req
+
     return without_buffer

@@ -1,4 +1,5 @@
 """MCTF properties (the golden logits are checked in test_golden.py)."""
+
 import copy
 
 import pytest
@@ -64,7 +65,9 @@ def test_distillation_token_is_protected(images):
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).eval()
     for bidirectional in (True, False):
-        state = apply_reduction(model, "mctf", r=12, bidirectional=bidirectional, trace_source=True).forward_tokens(images[:2])
+        state = apply_reduction(model, "mctf", r=12, bidirectional=bidirectional, trace_source=True).forward_tokens(
+            images[:2]
+        )
         eye = torch.eye(198)
         assert torch.equal(state.source[:, 0], eye[0].expand(2, -1))
         assert torch.equal(state.source[:, 1], eye[1].expand(2, -1))
@@ -135,19 +138,22 @@ def test_training_losses_random_r_pass_and_consistency():
     assert plain.reduction.losses(plain.forward_tokens(x), logits=logits, targets=targets) == {}
 
 
-@pytest.mark.parametrize("params,match", [
-    ({"one_step_ahead": 3}, "one_step_ahead must be 0"),
-    ({"pooling": "avg"}, "pooling='avg' is not one of attn, size, max, mean"),
-    ({"r": -1}, "r must be >= 0"),
-    ({"r": 1.5}, "must be in \\(0, 1\\)"),
-    ({"r": [4, 4]}, "r list has 2 entries but the model has 4 blocks"),
-    ({"layers": [7]}, "not a block index"),
-    ({"layers": "x"}, "slice of the blocks"),
-    ({"layers": "5:"}, "selects no block"),
-    ({"tau_info": -1}, "tau_info must be a number >= 0"),
-    ({"bidirectional": "yes"}, "bidirectional must be true or false"),
-    ({"aux_r_max": 2.5}, "aux_r_max must be 0"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"one_step_ahead": 3}, "one_step_ahead must be 0"),
+        ({"pooling": "avg"}, "pooling='avg' is not one of attn, size, max, mean"),
+        ({"r": -1}, "r must be >= 0"),
+        ({"r": 1.5}, "must be in \\(0, 1\\)"),
+        ({"r": [4, 4]}, "r list has 2 entries but the model has 4 blocks"),
+        ({"layers": [7]}, "not a block index"),
+        ({"layers": "x"}, "slice of the blocks"),
+        ({"layers": "5:"}, "selects no block"),
+        ({"tau_info": -1}, "tau_info must be a number >= 0"),
+        ({"bidirectional": "yes"}, "bidirectional must be true or false"),
+        ({"aux_r_max": 2.5}, "aux_r_max must be 0"),
+    ],
+)
 def test_bad_parameters_are_clear_errors(params, match):
     with pytest.raises(ReductionConfigError, match=match):
         apply_reduction(tiny_vit(), "mctf", **params)

@@ -1,4 +1,5 @@
 """The shared patching mechanism: identity, explicit state, parameter names, attention paths, GMACs."""
+
 import copy
 
 import pytest

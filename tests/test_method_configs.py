@@ -1,5 +1,6 @@
 """Every method config composes with the quickstart model and runs (the specialising
 method_model/<method>_quickstart.yaml configs set what the 4 blocks and 49 patch tokens need)."""
+
 from pathlib import Path
 
 import pytest

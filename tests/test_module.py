@@ -1,4 +1,5 @@
 """The LightningModule: frozen teacher, loss terms, parameter groups, lr scaling, checkpoints."""
+
 import copy
 from types import SimpleNamespace
 
@@ -12,9 +13,16 @@ from src.models.backbone import build_model, create_backbone
 from src.models.reduction import REGISTRY, ReductionConfigError, ReductionMethod, apply_reduction, register
 from src.trainer.module import ReductionModule, distillation_loss, soft_targets
 
-TINY = {"name": "vit_tiny_patch16_224", "pretrained": False, "checkpoint": None, "num_classes": 10,
-        "img_size": 16, "in_chans": 1, "drop_path_rate": 0.0,
-        "kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}}
+TINY = {
+    "name": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "checkpoint": None,
+    "num_classes": 10,
+    "img_size": 16,
+    "in_chans": 1,
+    "drop_path_rate": 0.0,
+    "kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+}
 
 
 def backbone(seed=0):
@@ -28,8 +36,9 @@ def make(method="tome", params=None, seed=0, **kw):
 
 
 def fake_trainer(module, world_size=1, accumulate=1, steps=100, epochs=10):
-    module._trainer = SimpleNamespace(world_size=world_size, accumulate_grad_batches=accumulate,
-                                      estimated_stepping_batches=steps, max_epochs=epochs)
+    module._trainer = SimpleNamespace(
+        world_size=world_size, accumulate_grad_batches=accumulate, estimated_stepping_batches=steps, max_epochs=epochs
+    )
     return module
 
 
@@ -106,7 +115,9 @@ def test_training_loss_is_ce_plus_weighted_distillation(kind):
 def test_distillation_losses_follow_deit():
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     tau = 3.0
-    manual = (F.softmax(t / tau, 1) * (F.log_softmax(t / tau, 1) - F.log_softmax(s / tau, 1))).sum() * tau**2 / s.numel()
+    manual = (
+        (F.softmax(t / tau, 1) * (F.log_softmax(t / tau, 1) - F.log_softmax(s / tau, 1))).sum() * tau**2 / s.numel()
+    )
     assert torch.allclose(distillation_loss("soft", s, t, tau), manual, atol=1e-6)
     assert torch.allclose(distillation_loss("hard", s, t, tau), F.cross_entropy(s, t.argmax(1)))
     assert distillation_loss("soft", t, t, tau).abs() < 1e-6
@@ -319,8 +330,14 @@ def test_ema_weights_are_saved_apart_with_plain_student_names_and_restored_on_re
 def test_optimizer_and_schedule_are_timm_config_choices():
     """optim.name / optim.sched pick timm's optimizer and scheduler; the parameter groups, lr scaling
     and per-group lr_scale stay the project's."""
-    optim = {"name": "sgd", "momentum": 0.8, "lr": 0.1, "sched": "constant", "warmup_epochs": 1,
-             "backbone_lr_scale": 0.5}
+    optim = {
+        "name": "sgd",
+        "momentum": 0.8,
+        "lr": 0.1,
+        "sched": "constant",
+        "warmup_epochs": 1,
+        "backbone_lr_scale": 0.5,
+    }
     m = fake_trainer(make(optim=optim, batch_size=64), steps=100, epochs=10)
     conf = m.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
@@ -336,8 +353,15 @@ def test_optimizer_and_schedule_are_timm_config_choices():
 
 def test_checkpoint_hyperparameters_say_what_the_student_is_and_load_weights_only(tmp_path):
     model_cfg = dict(TINY)
-    m = ReductionModule(backbone(), method="tome", method_params={"r": 2}, num_classes=10, model=model_cfg,
-                        method_config={"name": "tome", "params": {"r": 2}}, optim={"lr": 1e-3})
+    m = ReductionModule(
+        backbone(),
+        method="tome",
+        method_params={"r": 2},
+        num_classes=10,
+        model=model_cfg,
+        method_config={"name": "tome", "params": {"r": 2}},
+        optim={"lr": 1e-3},
+    )
     hp = dict(m.hparams)
     assert "student" not in hp and hp["model"] == model_cfg and hp["method"] == "tome"
     assert hp["reduction"] == {"method": "tome", "settings": repr(m.student.reduction)}

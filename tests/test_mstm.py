@@ -1,5 +1,6 @@
 """MSTM (reconstructed): token counts, protected prefix tokens, conservation on hand-made inputs,
 exact off-the-shelf fusion, learned fusion, determinism, gradients, parameter errors, DeiT-S GMACs."""
+
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,10 @@ from timm.models.vision_transformer import VisionTransformer
 from src.models.profile import count_gmacs
 from src.models.reduction import ReductionConfigError, apply_reduction, remove_reduction
 from src.models.reduction.mstm import MultiScaleFusion, merge_into_crucial
-
 from tests.tiny import images32 as images
 from tests.tiny import tiny_grid8 as tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "mstm.yaml"
-
-
 
 
 def perturb_fusion(model) -> None:
@@ -164,8 +162,9 @@ def test_bad_parameters_raise_at_apply_time(params, match):
 
 
 def test_needs_a_class_token():
-    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3,
-                              class_token=False, global_pool="avg")
+    model = VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, class_token=False, global_pool="avg"
+    )
     with pytest.raises(ReductionConfigError, match="needs a model with a class token"):
         apply_reduction(model, "mstm", locations=[0])
 
@@ -192,6 +191,9 @@ def test_unsorted_locations_pair_with_their_keep_rates(deit_tiny):
     """A per-location keep-rate list pairs with the locations as given, in any order."""
     from src.models import apply_reduction
 
-    counts = apply_reduction(deit_tiny, "mstm", keep_rate=[0.5, 0.9], locations=[6, 2]).forward_tokens(
-        torch.randn(1, 3, 224, 224)).tokens_per_block
+    counts = (
+        apply_reduction(deit_tiny, "mstm", keep_rate=[0.5, 0.9], locations=[6, 2])
+        .forward_tokens(torch.randn(1, 3, 224, 224))
+        .tokens_per_block
+    )
     assert counts[2] == 1 + 177 and counts[6] == 1 + 89  # ceil(0.9 * 196) at block 2, then ceil(0.5 * 177)

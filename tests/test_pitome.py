@@ -1,4 +1,5 @@
 """PiToMe properties (the golden logits are checked in test_golden.py)."""
+
 import copy
 import math
 
@@ -58,8 +59,9 @@ def test_cls_first_sizes_and_sources_partition_the_image():
 
 
 def test_distilled_deit_protects_both_prefix_tokens():
-    model = apply_reduction(tiny_vit(0, cls=timm.models.deit.VisionTransformerDistilled), "pitome", ratio=0.8,
-                            trace_source=True)
+    model = apply_reduction(
+        tiny_vit(0, cls=timm.models.deit.VisionTransformerDistilled), "pitome", ratio=0.8, trace_source=True
+    )
     with torch.no_grad():
         state = model.forward_tokens(tiny_images(2))
     eye = torch.eye(66)
@@ -160,19 +162,22 @@ def test_gradients_flow_in_train_mode():
     assert model.blocks[-1].mlp.fc1.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("params,match", [
-    ({"ratio": 0.4}, r"ratio=0\.4.*\[0\.5, 1\].*ratio=0\.9"),
-    ({"ratio": 1.5}, r"ratio=1\.5.*\[0\.5, 1\]"),
-    ({"ratio": "0.9"}, r"ratio='0\.9'"),
-    ({"ratio": True}, r"ratio=True"),
-    ({"margin": [0.5] * 3}, r"margin has 3 entries but the model has 4 blocks"),
-    ({"margin": 2.0}, r"margin=2\.0.*\[-1, 1\]"),
-    ({"margin": [0.5, 0.5, "x", 0.5]}, r"margin\[2\]='x'"),
-    ({"use_bsm_pitome": "yes"}, r"use_bsm_pitome='yes'.*true or false"),
-    ({"use_bsm_pitome": [True] * 5}, r"use_bsm_pitome has 5 entries"),
-    ({"alpha": 0}, r"alpha=0.*positive"),
-    ({"r": 4}, r"does not take \['r'\]"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"ratio": 0.4}, r"ratio=0\.4.*\[0\.5, 1\].*ratio=0\.9"),
+        ({"ratio": 1.5}, r"ratio=1\.5.*\[0\.5, 1\]"),
+        ({"ratio": "0.9"}, r"ratio='0\.9'"),
+        ({"ratio": True}, r"ratio=True"),
+        ({"margin": [0.5] * 3}, r"margin has 3 entries but the model has 4 blocks"),
+        ({"margin": 2.0}, r"margin=2\.0.*\[-1, 1\]"),
+        ({"margin": [0.5, 0.5, "x", 0.5]}, r"margin\[2\]='x'"),
+        ({"use_bsm_pitome": "yes"}, r"use_bsm_pitome='yes'.*true or false"),
+        ({"use_bsm_pitome": [True] * 5}, r"use_bsm_pitome has 5 entries"),
+        ({"alpha": 0}, r"alpha=0.*positive"),
+        ({"r": 4}, r"does not take \['r'\]"),
+    ],
+)
 def test_bad_parameters_are_clear_errors_at_apply_time(params, match):
     with pytest.raises(ReductionConfigError, match=match):
         apply_reduction(tiny_vit(0), "pitome", **params)

@@ -1,4 +1,5 @@
 """PPT properties (the golden logits are checked in test_golden.py)."""
+
 import copy
 
 import pytest
@@ -59,6 +60,7 @@ def test_each_image_takes_its_own_branch():
     model = apply_reduction(tiny_vit(), "ppt", r=10, locations=[1])
     x = tiny_images(6)
     from src.models.reduction.ppt import significance
+
     seen = {}
 
     def spy(i, state, res, orig=model.reduction.after_attention):
@@ -108,23 +110,27 @@ def test_float64_state_follows_the_input():
     assert state.x.dtype == torch.float64 and state.size.dtype == torch.float64
 
 
-@pytest.mark.parametrize("params,match", [
-    ({"r": -1}, "r must be an int >= 0"),
-    ({"r": 2.5}, "r must be an int >= 0"),
-    ({"r": [10, 10]}, "r list has 2 entries; give one per location \\(3"),
-    ({"locations": [9]}, "not a block index"),
-    ({"locations": [1, 1]}, "must not repeat"),
-    ({"threshold": -1e-5}, "threshold must be a number >= 0"),
-    ({"prop_attn": 1}, "prop_attn must be true or false"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"r": -1}, "r must be an int >= 0"),
+        ({"r": 2.5}, "r must be an int >= 0"),
+        ({"r": [10, 10]}, "r list has 2 entries; give one per location \\(3"),
+        ({"locations": [9]}, "not a block index"),
+        ({"locations": [1, 1]}, "must not repeat"),
+        ({"threshold": -1e-5}, "threshold must be a number >= 0"),
+        ({"prop_attn": 1}, "prop_attn must be true or false"),
+    ],
+)
 def test_bad_parameters_are_clear_errors(params, match):
     with pytest.raises(ReductionConfigError, match=match):
         apply_reduction(tiny_vit(), "ppt", **params)
 
 
 def test_needs_a_class_token():
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, class_token=False, global_pool="avg",
-                              img_size=64, depth=2)
+    model = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, class_token=False, global_pool="avg", img_size=64, depth=2
+    )
     with pytest.raises(ReductionConfigError, match="needs a model with a class token"):
         apply_reduction(model, "ppt")
 

@@ -1,5 +1,6 @@
 """The papers' recipes as experiment configs: they compose, carry the reference hyperparameters, and
 their learning rate is the reference's at the reference global batch (and scales with it)."""
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,8 +14,15 @@ from src.models import apply_reduction
 from src.trainer.module import ReductionModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-RECIPES = ["dynamicvit_deit_s", "dynamicvit_deit_b", "evit_finetune_deit_s", "tome_eval", "gtp_eval",
-           "dynamicvit_digits", "compare_dynamicvit_digits"]
+RECIPES = [
+    "dynamicvit_deit_s",
+    "dynamicvit_deit_b",
+    "evit_finetune_deit_s",
+    "tome_eval",
+    "gtp_eval",
+    "dynamicvit_digits",
+    "compare_dynamicvit_digits",
+]
 
 
 def compose_experiment(name, *overrides):
@@ -26,14 +34,19 @@ def lr_at(cfg, devices, batch=None, accumulate=1):
     """The trainer's effective lr (ReductionModule.effective_lr) for a given global batch layout."""
     fake = SimpleNamespace(
         trainer=SimpleNamespace(world_size=devices, accumulate_grad_batches=accumulate),
-        batch_size=batch or int(cfg.data.batch_size), optim_cfg=OmegaConf.to_container(cfg.optim),
+        batch_size=batch or int(cfg.data.batch_size),
+        optim_cfg=OmegaConf.to_container(cfg.optim),
     )
     return ReductionModule.effective_lr(fake)
 
 
 def global_batch(cfg):
-    return int(cfg.trainer.devices) * int(cfg.trainer.num_nodes) * int(cfg.data.batch_size) * int(
-        cfg.trainer.accumulate_grad_batches)
+    return (
+        int(cfg.trainer.devices)
+        * int(cfg.trainer.num_nodes)
+        * int(cfg.data.batch_size)
+        * int(cfg.trainer.accumulate_grad_batches)
+    )
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -89,8 +102,10 @@ def test_evit_finetune_is_the_reference_recipe():
     assert lr_at(cfg, devices=4) == pytest.approx(2e-5)
 
 
-@pytest.mark.parametrize("name,model,method", [("tome_eval", "vit_small_patch16_224.augreg_in21k_ft_in1k", "tome"),
-                                               ("gtp_eval", "deit_base_patch16_224", "gtp")])
+@pytest.mark.parametrize(
+    "name,model,method",
+    [("tome_eval", "vit_small_patch16_224.augreg_in21k_ft_in1k", "tome"), ("gtp_eval", "deit_base_patch16_224", "gtp")],
+)
 def test_off_the_shelf_evals_do_not_train(name, model, method):
     cfg = compose_experiment(name)
     assert cfg.train is False
@@ -101,7 +116,13 @@ def test_off_the_shelf_evals_do_not_train(name, model, method):
 def test_gtp_eval_uses_the_readme_p8_setting():
     p = compose_experiment("gtp_eval").method.params
     assert (p.r, p.sparsity, p.alpha, p.graph, p.selection, p.token_scale) == (
-        8, 0.6, 0.1, "mixed", "mixed_attn_max", True)
+        8,
+        0.6,
+        0.1,
+        "mixed",
+        "mixed_attn_max",
+        True,
+    )
 
 
 def test_dynamicvit_digits_fits_the_quickstart_model():

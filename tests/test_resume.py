@@ -13,6 +13,7 @@
   global step, optimizer and scheduler state, same W&B run id); the W&B offline run holds the config,
   metrics and token images, and never the API key.
 """
+
 import csv
 import json
 import re
@@ -31,15 +32,29 @@ from tests.scaleout import ROOT, env, train, train_cmd
 pytestmark = pytest.mark.slow
 FAKE_KEY = "fake0key0for0leak0test0" + "x" * 17  # 40 characters, like a real key
 STEPS = 100  # limit_train_batches of these runs
-CRASH_SAFE = ["callbacks=crash_safe", f"trainer.limit_train_batches={STEPS}",
-              "callbacks.step_checkpoint.every_n_train_steps=5"]
+CRASH_SAFE = [
+    "callbacks=crash_safe",
+    f"trainer.limit_train_batches={STEPS}",
+    "callbacks.step_checkpoint.every_n_train_steps=5",
+]
 WANDB = ["logger=wandb", "logger.token_images.num_images=3"]
 
 # exact resumption: 2 epochs of 6 steps; every random draw of a step in play
-EXACT = ["profile.enabled=false", "callbacks=crash_safe", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
-         "trainer.log_every_n_steps=1", "data.max_shift=2", "data.mixup.mixup_alpha=0.8", "data.mixup.cutmix_alpha=1.0",
-         "method=dynamicvit", "method.params.locations=[1]", "model.drop_path_rate=0.1", "ema.enabled=true",
-         "ema.decay=0.9"]
+EXACT = [
+    "profile.enabled=false",
+    "callbacks=crash_safe",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=6",
+    "trainer.log_every_n_steps=1",
+    "data.max_shift=2",
+    "data.mixup.mixup_alpha=0.8",
+    "data.mixup.cutmix_alpha=1.0",
+    "method=dynamicvit",
+    "method.params.locations=[1]",
+    "model.drop_path_rate=0.1",
+    "ema.enabled=true",
+    "ema.decay=0.9",
+]
 FINAL_STEP = 12
 # chain -> (checkpoint every n steps, interruptions: "N" = SIGKILL right after step N's checkpoints are
 # written, "N:SIGTERM" / "N:SIGUSR1" = that signal at that point), then a run to the end
@@ -108,8 +123,14 @@ class Launcher:
     """Runs train.py jobs as children of one warm process (see LAUNCHER); several at a time."""
 
     def __init__(self, cwd: Path):
-        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(ROOT)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env(), cwd=cwd)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, str(ROOT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env(),
+            cwd=cwd,
+        )
         self.n = 0
 
     def submit(self, argv, cwd: Path, out: Path, **extra_env) -> str:
@@ -142,11 +163,16 @@ def exact_runs(scaleout_teacher_cache, tmp_path_factory):
         every, interruptions = CHAINS[name]
         i = chains[name]["next"]
         spec = ([*interruptions, None])[i]
-        overrides = [f"model.checkpoint={teacher}", *EXACT, f"callbacks.step_checkpoint.every_n_train_steps={every}",
-                     *(["ckpt_path=last"] if i else [])]
+        overrides = [
+            f"model.checkpoint={teacher}",
+            *EXACT,
+            f"callbacks.step_checkpoint.every_n_train_steps={every}",
+            *(["ckpt_path=last"] if i else []),
+        ]
         out = root / f"{name}-{i}.out"
-        job = launcher.submit(train_cmd(chains[name]["dir"], cache, *overrides), root, out,
-                              **({TEST_SIGNAL_ENV: spec} if spec else {}))
+        job = launcher.submit(
+            train_cmd(chains[name]["dir"], cache, *overrides), root, out, **({TEST_SIGNAL_ENV: spec} if spec else {})
+        )
         jobs[job] = (name, i, spec, out)
 
     try:
@@ -200,16 +226,19 @@ def _check_exact(runs: dict, name: str) -> None:
 
     # metrics.csv: the same rows (steps, columns, values) in the same order; no step lost or repeated
     rows_ref, rows_got = _metrics(ref_dir), _metrics(run_dir)
-    not_ema = [[(k, v) for k, v in r.items() if "ema" not in k] for r in rows_ref], \
-        [[(k, v) for k, v in r.items() if "ema" not in k] for r in rows_got]
+    not_ema = (
+        [[(k, v) for k, v in r.items() if "ema" not in k] for r in rows_ref],
+        [[(k, v) for k, v in r.items() if "ema" not in k] for r in rows_got],
+    )
     assert not_ema[0] == not_ema[1], f"{name}: metrics.csv differs from the uninterrupted run's"
     steps = [int(r["step"]) for r in rows_got if "train/loss_step" in r]
     assert steps == list(range(FINAL_STEP)), steps  # one training row per step
     summary_ref = json.loads((ref_dir / "summary.json").read_text())
     summary_got = json.loads((run_dir / "summary.json").read_text())
     paths = ("best_checkpoint", "last_checkpoint", "output_dir")
-    assert {k: v for k, v in summary_ref.items() if k not in paths and "ema" not in k} == \
-        {k: v for k, v in summary_got.items() if k not in paths and "ema" not in k}
+    assert {k: v for k, v in summary_ref.items() if k not in paths and "ema" not in k} == {
+        k: v for k, v in summary_got.items() if k not in paths and "ema" not in k
+    }
 
     ema_diff = _max_diff(ref["state_dict_ema"], got["state_dict_ema"])
     assert ema_diff == 0, f"{name}: EMA weights differ from the uninterrupted run's by up to {ema_diff:.3g}"
@@ -242,8 +271,9 @@ def test_metrics_rows_after_a_resume_are_neither_duplicated_nor_missing(exact_ru
         assert len(set(keys)) == len(keys), name  # no (step, columns) row twice
         epochs = [r for r in rows if "train/loss_epoch" in r]  # the epoch rows, with the whole epoch's means
         assert [int(r["step"]) for r in epochs] == [5, 11] and all("train/lr" in r for r in epochs), name
-        assert [r["train/loss_epoch"] for r in epochs] == [r["train/loss_epoch"] for r in ref_rows
-                                                           if "train/loss_epoch" in r], name
+        assert [r["train/loss_epoch"] for r in epochs] == [
+            r["train/loss_epoch"] for r in ref_rows if "train/loss_epoch" in r
+        ], name
 
 
 def test_sigterm_and_slurm_requeue_signal_save_and_exit_cleanly(exact_runs):
@@ -261,8 +291,14 @@ def test_sigterm_and_slurm_requeue_signal_save_and_exit_cleanly(exact_runs):
 
 
 def start(run_dir: Path, cache: Path, *overrides):
-    return subprocess.Popen(train_cmd(run_dir, cache, *CRASH_SAFE, *overrides), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env(WANDB_API_KEY=FAKE_KEY), cwd=run_dir.parent)
+    return subprocess.Popen(
+        train_cmd(run_dir, cache, *CRASH_SAFE, *overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(WANDB_API_KEY=FAKE_KEY),
+        cwd=run_dir.parent,
+    )
 
 
 def wait_for(path: Path, proc, timeout=120):
@@ -303,8 +339,17 @@ def test_sigkill_mid_epoch_then_resume_same_step_optimizer_and_wandb_run(warm_ca
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
     blob = b"".join(p.read_bytes() for p in runs[-1].rglob("*") if p.is_file())
-    for needle in (b"val/top1", b"val/top5", b"train/loss_ce", b"train/loss_distill", b"profile/student_gmacs",
-                   b"profile/student_throughput", b"summary/student_val_top1", b"bootstrap", b"dev"):
+    for needle in (
+        b"val/top1",
+        b"val/top5",
+        b"train/loss_ce",
+        b"train/loss_distill",
+        b"profile/student_gmacs",
+        b"profile/student_throughput",
+        b"summary/student_val_top1",
+        b"bootstrap",
+        b"dev",
+    ):
         assert needle in blob, needle
     images = list(runs[-1].rglob("media/images/val/tokens_*.png"))
     assert len(images) == 3, images  # logger.token_images.num_images after the last epoch
@@ -313,5 +358,3 @@ def test_sigkill_mid_epoch_then_resume_same_step_optimizer_and_wandb_run(warm_ca
     for p in run_dir.rglob("*"):
         if p.is_file():
             assert FAKE_KEY.encode() not in p.read_bytes(), p
-
-

@@ -1,4 +1,5 @@
 """Schedules turn a config into the method's per-block counts or keep rates."""
+
 import pytest
 import timm
 import torch
@@ -28,7 +29,19 @@ def test_no_schedule_keeps_method_params(tiny):
 def test_constant_decreasing_list(tiny):
     assert resolve_params(tiny, "tome", {}, {"name": "constant", "r": 5})["r"] == [5] * 12
     assert resolve_params(tiny, "tome", {}, {"name": "decreasing", "r": 16, "inflect": -1})["r"] == [
-        32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
+        32,
+        29,
+        26,
+        23,
+        20,
+        17,
+        14,
+        11,
+        8,
+        5,
+        2,
+        0,
+    ]
     r = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     assert resolve_params(tiny, "tome", {}, {"name": "list", "r": r})["r"] == r
 

@@ -1,4 +1,5 @@
 """STViT / STViT-R on DeiT: token counts, equality with a hand-written forward, recovery, GMACs."""
+
 import copy
 
 import pytest
@@ -25,8 +26,8 @@ def _cross_block(block, queries, keys):
     qn, kn = block.norm1(queries), block.norm1(keys)
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(qn, w[:C], b[:C]).unflatten(-1, (h, C // h)).transpose(1, 2)
-    k = F.linear(kn, w[C:2 * C], b[C:2 * C]).unflatten(-1, (h, C // h)).transpose(1, 2)
-    v = F.linear(kn, w[2 * C:], b[2 * C:]).unflatten(-1, (h, C // h)).transpose(1, 2)
+    k = F.linear(kn, w[C : 2 * C], b[C : 2 * C]).unflatten(-1, (h, C // h)).transpose(1, 2)
+    v = F.linear(kn, w[2 * C :], b[2 * C :]).unflatten(-1, (h, C // h)).transpose(1, 2)
     a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)
     x = queries + attn.proj((a @ v).transpose(1, 2).flatten(2))
     return x + block.mlp(block.norm2(x))
@@ -57,7 +58,7 @@ def test_forward_equals_hand_written_reference(block, pool):
         s1 = _cross_block(ref.blocks[block], torch.cat([cls, pooled], 1), torch.cat([cls, pooled, img], 1))
         q2 = torch.cat([s1[:, :1], s1[:, 1:] + model.stvit_centre.weight], 1)
         t = _cross_block(ref.blocks[block + 1], q2, torch.cat([q2, img], 1))
-        for blk in ref.blocks[block + 2:]:
+        for blk in ref.blocks[block + 2 :]:
             t = blk(t)
         expected = ref.forward_head(ref.norm(t))
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
@@ -124,16 +125,19 @@ def test_deit_s_default_loses_about_60_percent_of_gmacs():
     assert 0.55 <= 1 - reduced / full <= 0.62, (full, reduced)
 
 
-@pytest.mark.parametrize("params,match", [
-    (dict(block=11), r"block 11\): .* block must be in \[0, 10\]"),
-    (dict(block=-1), r"block -1 is not a block index of this 12-block model; use a 0-based int in \[0, 11\]"),
-    (dict(block=1.5), r"a float is a fraction of the depth in \[0, 1\)"),
-    (dict(pool_size=15), "larger than the 14x14"),
-    (dict(pool_size=0), ">= 1"),
-    (dict(pool_size=[2, 2, 2]), "int or"),
-    (dict(pool="mean"), "'max'"),
-    (dict(unknown=1), "unexpected keyword|unknown"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        (dict(block=11), r"block 11\): .* block must be in \[0, 10\]"),
+        (dict(block=-1), r"block -1 is not a block index of this 12-block model; use a 0-based int in \[0, 11\]"),
+        (dict(block=1.5), r"a float is a fraction of the depth in \[0, 1\)"),
+        (dict(pool_size=15), "larger than the 14x14"),
+        (dict(pool_size=0), ">= 1"),
+        (dict(pool_size=[2, 2, 2]), "int or"),
+        (dict(pool="mean"), "'max'"),
+        (dict(unknown=1), "unexpected keyword|unknown"),
+    ],
+)
 def test_bad_params_are_clear_errors(deit_tiny, params, match):
     with pytest.raises((ReductionConfigError, TypeError), match=match):
         apply_reduction(deit_tiny, "stvit", **params)

@@ -1,12 +1,13 @@
 """STViT-R-Swin (changsn/STViT-R classification model): structure, parameter count, GMACs, training."""
+
 import pytest
 import timm
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
 
 from src.models.backbone import create_backbone
 from src.models.profile import count_gmacs, count_params
 from src.models.stvit_swin import GenerationBlock, SemanticBlock, SemanticStage, STViTRSwin, checkpoint_filter_fn
-from timm.models.swin_transformer import SwinTransformerBlock
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,9 @@ def test_stage3_block_pattern_and_parameter_split(swin_s):
     stage = swin_s.layers[2]
     assert isinstance(stage, SemanticStage) and len(stage.blocks) == 18
     kinds = [type(b) for b in stage.blocks]
-    assert kinds == [SwinTransformerBlock, GenerationBlock, SemanticBlock, SemanticBlock, SemanticBlock, SemanticBlock] * 3
+    assert (
+        kinds == [SwinTransformerBlock, GenerationBlock, SemanticBlock, SemanticBlock, SemanticBlock, SemanticBlock] * 3
+    )
     assert [stage.blocks[i].group for i in (2, 3, 4, 5)] == [None, 3, None, None]
     assert all(b.shift_size == (0, 0) for b in stage.blocks[::6])
     # reference table: layers.2.blocks 31.958M; stage 4 blocks 14.184M; conv stem 43.056K
@@ -63,8 +66,9 @@ def test_semantic_token_order_is_raster_over_windows():
 
 def test_forward_backward_from_scratch_tiny():
     torch.manual_seed(0)
-    model = STViTRSwin(num_classes=5, embed_dim=24, depths=(1, 1, 6, 1), num_heads=(1, 2, 3, 4),
-                       drop_path_rate=0.1, use_global=True)
+    model = STViTRSwin(
+        num_classes=5, embed_dim=24, depths=(1, 1, 6, 1), num_heads=(1, 2, 3, 4), drop_path_rate=0.1, use_global=True
+    )
     x = torch.randn(2, 3, 224, 224)
     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 3]))
     loss.backward()
@@ -76,8 +80,16 @@ def test_forward_backward_from_scratch_tiny():
 
 
 def test_created_by_name_from_a_model_config():
-    cfg = dict(name="stvit_r_swin_tiny", pretrained=False, checkpoint=None, num_classes=7, img_size=224,
-               in_chans=3, drop_path_rate=0.2, kwargs={"use_global": False})
+    cfg = dict(
+        name="stvit_r_swin_tiny",
+        pretrained=False,
+        checkpoint=None,
+        num_classes=7,
+        img_size=224,
+        in_chans=3,
+        drop_path_rate=0.2,
+        kwargs={"use_global": False},
+    )
     model = create_backbone(cfg)
     assert isinstance(model, STViTRSwin) and model.num_classes == 7
     assert count_params(model) == 28_320_214 - (1000 - 7) * 769
@@ -95,20 +107,31 @@ def test_official_key_names_map_by_renaming_only():
     project's own names pass unchanged. Loading and logits: tests/test_checkpoints.py."""
     t = torch.zeros(1)
     official = {
-        "patch_embed.proj.0.c.weight": t, "patch_embed.proj.0.bn.running_mean": t,
-        "patch_embed.proj.2.c.weight": t, "patch_embed.proj.2.bn.num_batches_tracked": t,
-        "layers.2.downsample.reduction.weight": t, "layers.0.downsample.norm.bias": t,
-        "layers.0.blocks.1.attn.relative_position_index": t, "layers.1.blocks.1.attn_mask": t,
-        "layers.2.blocks.3.attn.kv.weight": t, "layers.3.blocks.0.attn.relative_position_bias_table": t,
-        "norm.weight": t, "head.bias": t,
+        "patch_embed.proj.0.c.weight": t,
+        "patch_embed.proj.0.bn.running_mean": t,
+        "patch_embed.proj.2.c.weight": t,
+        "patch_embed.proj.2.bn.num_batches_tracked": t,
+        "layers.2.downsample.reduction.weight": t,
+        "layers.0.downsample.norm.bias": t,
+        "layers.0.blocks.1.attn.relative_position_index": t,
+        "layers.1.blocks.1.attn_mask": t,
+        "layers.2.blocks.3.attn.kv.weight": t,
+        "layers.3.blocks.0.attn.relative_position_bias_table": t,
+        "norm.weight": t,
+        "head.bias": t,
     }
     out = checkpoint_filter_fn(official)
     assert out == {
-        "patch_embed.proj.0.weight": t, "patch_embed.proj.1.running_mean": t,
-        "patch_embed.proj.3.weight": t, "patch_embed.proj.4.num_batches_tracked": t,
-        "downsamples.2.reduction.weight": t, "downsamples.0.norm.bias": t,
-        "layers.2.blocks.3.attn.kv.weight": t, "layers.3.blocks.0.attn.relative_position_bias_table": t,
-        "norm.weight": t, "head.bias": t,
+        "patch_embed.proj.0.weight": t,
+        "patch_embed.proj.1.running_mean": t,
+        "patch_embed.proj.3.weight": t,
+        "patch_embed.proj.4.num_batches_tracked": t,
+        "downsamples.2.reduction.weight": t,
+        "downsamples.0.norm.bias": t,
+        "layers.2.blocks.3.attn.kv.weight": t,
+        "layers.3.blocks.0.attn.relative_position_bias_table": t,
+        "norm.weight": t,
+        "head.bias": t,
     }
     assert all(out[k] is v for k, v in out.items() if k in official)
     own = STViTRSwin(num_classes=5, embed_dim=24, depths=(1, 1, 6, 1), num_heads=(1, 2, 3, 4)).state_dict()

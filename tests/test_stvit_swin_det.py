@@ -1,5 +1,6 @@
 """STViT-R-Swin detection backbone (changsn/STViT-R-Object-Detection): golden outputs, padding masks,
 any input size, official checkpoint layouts, counted GMACs."""
+
 import re
 import sys
 
@@ -11,8 +12,14 @@ import torch.nn.functional as F
 from src.models import load_weights
 from src.models.profile import count_gmacs
 from src.models.stvit_swin import STViTRSwin
-from src.models.stvit_swin_det import (MASK_VALUE, DetSwinBlock, RecoveryBlock, SemanticGenerationBlock,
-                                       STViTRSwinDet, pad_mask)
+from src.models.stvit_swin_det import (
+    MASK_VALUE,
+    DetSwinBlock,
+    RecoveryBlock,
+    SemanticGenerationBlock,
+    STViTRSwinDet,
+    pad_mask,
+)
 from tests import golden
 
 GOLDEN = golden.SHARED / "golden" / "stvit_r"
@@ -54,7 +61,9 @@ def test_detection_goldens(golden_io, dtype):
         for out, (key, g32, g64) in zip(feats, outputs):
             ref = g32 if dtype == torch.float32 else g64
             assert out.dtype == dtype and out.shape == ref.shape, key
-            assert golden_io.within_tolerance(out, ref), f"{key}: max|d| {(out.double() - ref.double()).abs().max():.3e}"
+            assert golden_io.within_tolerance(out, ref), (
+                f"{key}: max|d| {(out.double() - ref.double()).abs().max():.3e}"
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -65,7 +74,7 @@ def test_classification_golden_under_the_new_name(golden_io, dtype):
     assert isinstance(model, STViTRSwin)
     load_weights(model, sd)
     model = model.to(dtype).eval()
-    (_, x, [(key, g32, g64)]), = inputs
+    ((_, x, [(key, g32, g64)]),) = inputs
     ref = g32 if dtype == torch.float32 else g64
     with torch.no_grad():
         out = model(x.to(dtype))
@@ -78,7 +87,7 @@ def _mask_map(rows, cols, pb, pr, k, base):
     """pad_mask before unfolding, read back from its first window (k covers the whole map here)."""
     m = pad_mask(rows, cols, pb, pr, k, base, base, torch.zeros(()))
     lo = (k - base) // 2
-    return m[0].reshape(k, k)[lo:lo + rows, lo:lo + cols]
+    return m[0].reshape(k, k)[lo : lo + rows, lo : lo + cols]
 
 
 def test_pad_mask_rules():
@@ -159,8 +168,11 @@ def small():
     return tiny()
 
 
-@pytest.mark.parametrize("size", [(33, 45), (64, 112), (112, 100), (112, 112), (16, 16)],
-                         ids=["odd", "pad-w-only", "pad-h-only", "no-stage3-pad", "one-token"])
+@pytest.mark.parametrize(
+    "size",
+    [(33, 45), (64, 112), (112, 100), (112, 112), (16, 16)],
+    ids=["odd", "pad-w-only", "pad-h-only", "no-stage3-pad", "one-token"],
+)
 def test_any_size_gives_four_maps_at_strides_4_to_32(small, size):
     """Sizes that need padding at the stem, in Patch Merging and in every window operation; stage-3
     maps that need padding on both sides, on one side (mask: a whole strip) or none (mask: a constant)."""
@@ -171,7 +183,7 @@ def test_any_size_gives_four_maps_at_strides_4_to_32(small, size):
     h, w = size
     for i, f in enumerate(feats):
         h, w = -(-h // (4 if i == 0 else 2)), -(-w // (4 if i == 0 else 2))
-        assert f.shape == (1, 24 * 2 ** i, h, w) and torch.isfinite(f).all()
+        assert f.shape == (1, 24 * 2**i, h, w) and torch.isfinite(f).all()
     assert small.feature_info.channels() == [24, 48, 96, 192]
     assert small.feature_info.reduction() == [4, 8, 16, 32]
 
@@ -180,10 +192,10 @@ def test_batch_elements_are_independent(small):
     x = torch.randn(3, 3, 96, 150)
     with torch.no_grad():
         together = small(x)
-        alone = [small(x[i:i + 1]) for i in range(3)]
+        alone = [small(x[i : i + 1]) for i in range(3)]
     for level, out in enumerate(together):
         for i in range(3):
-            assert torch.allclose(out[i:i + 1], alone[i][level], atol=1e-5), (level, i)
+            assert torch.allclose(out[i : i + 1], alone[i][level], atol=1e-5), (level, i)
 
 
 def test_recovery_is_local(small):
@@ -215,9 +227,13 @@ def test_out_indices_and_training_step():
 
 
 # --- official checkpoint layouts --------------------------------------------------------------------
-_TO_OFFICIAL = [(r"^patch_embed\.proj\.0\.", "patch_embed.proj.0.c."), (r"^patch_embed\.proj\.1\.", "patch_embed.proj.0.bn."),
-                (r"^patch_embed\.proj\.3\.", "patch_embed.proj.2.c."), (r"^patch_embed\.proj\.4\.", "patch_embed.proj.2.bn."),
-                (r"^downsamples\.(\d+)\.", r"layers.\1.downsample.")]
+_TO_OFFICIAL = [
+    (r"^patch_embed\.proj\.0\.", "patch_embed.proj.0.c."),
+    (r"^patch_embed\.proj\.1\.", "patch_embed.proj.0.bn."),
+    (r"^patch_embed\.proj\.3\.", "patch_embed.proj.2.c."),
+    (r"^patch_embed\.proj\.4\.", "patch_embed.proj.2.bn."),
+    (r"^downsamples\.(\d+)\.", r"layers.\1.downsample."),
+]
 
 
 def to_official(sd, detection):
@@ -249,8 +265,11 @@ def test_official_detection_checkpoint_loads_strictly_with_identical_outputs(sma
         assert all(torch.equal(a, b) for a, b in zip(fresh(x), expected))
         # the mmdet file: state_dict with neck / heads, which are ignored
         path = tmp_path / "cascade_mask_rcnn_stvit_r_swin.pth"
-        extra = {"neck.lateral_convs.0.conv.weight": torch.zeros(1), "rpn_head.rpn_cls.bias": torch.zeros(1),
-                 "roi_head.bbox_head.0.fc_cls.weight": torch.zeros(1)}
+        extra = {
+            "neck.lateral_convs.0.conv.weight": torch.zeros(1),
+            "rpn_head.rpn_cls.bias": torch.zeros(1),
+            "roi_head.bbox_head.0.fc_cls.weight": torch.zeros(1),
+        }
         torch.save({"meta": {"epoch": 36}, "state_dict": {**official, **extra}}, path)
         from_file = load_weights(tiny(seed=2), path).eval()
         assert all(torch.equal(a, b) for a, b in zip(from_file(x), expected))
@@ -277,13 +296,14 @@ def test_official_classification_checkpoint_initialises_the_detection_backbone()
         if not re.match(r"^(norm|head)\.", k):
             assert torch.equal(own[k], v), k
     for i in range(4):
-        assert torch.equal(own[f"norm{i}.weight"], torch.ones(24 * 2 ** i))
-        assert torch.equal(own[f"norm{i}.bias"], torch.zeros(24 * 2 ** i))
+        assert torch.equal(own[f"norm{i}.weight"], torch.ones(24 * 2**i))
+        assert torch.equal(own[f"norm{i}.bias"], torch.zeros(24 * 2**i))
 
 
 # --- cost -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant,swin,least", [("t", "swin_tiny_patch4_window7_224", 0.15),
-                                                ("s", "swin_small_patch4_window7_224", 0.25)])
+@pytest.mark.parametrize(
+    "variant,swin,least", [("t", "swin_tiny_patch4_window7_224", 0.15), ("s", "swin_small_patch4_window7_224", 0.25)]
+)
 def test_counted_gmacs_below_swin(variant, swin, least):
     """Counted on the meta device at 224x320 against timm's Swin features_only trunk. Keys and values
     are projected once per token (the reference projects them once per overlapping window: 15-20%
@@ -291,8 +311,10 @@ def test_counted_gmacs_below_swin(variant, swin, least):
     semantic period (6 of 12 blocks), T cannot reach -25% (see docs/methods/stvit.md)."""
     size = (224, 320)
     with torch.device("meta"):  # shapes only: no weights initialised, nothing computed
-        ours, base = (timm.create_model(f"stvit_swin_{variant}", features_only=True),
-                      timm.create_model(swin, features_only=True, img_size=size))
+        ours, base = (
+            timm.create_model(f"stvit_swin_{variant}", features_only=True),
+            timm.create_model(swin, features_only=True, img_size=size),
+        )
     ours, base = count_gmacs(ours, size, device="meta"), count_gmacs(base, size, device="meta")
     assert ours <= (1 - least) * base, (ours, base)
     expected = {"t": (5.408, 6.642), "s": (8.740, 12.820)}[variant]

@@ -1,4 +1,5 @@
 """The sweep summary: Pareto front and files (end-to-end multirun coverage lives in the e2e tests)."""
+
 import json
 
 import pytest
@@ -25,9 +26,20 @@ def test_summarize_writes_table_csv_and_png(tmp_path):
     for i, r in enumerate(_rows()):
         run = tmp_path / str(i)
         run.mkdir()
-        (run / "summary.json").write_text(json.dumps(dict(
-            method=r["method"], method_params="p", student_gmacs=r["gmacs"], student_throughput=r["throughput"],
-            student_val_top1=r["top1"], teacher_val_top1=97.0, teacher_gmacs=4.0, teacher_throughput=80.0)))
+        (run / "summary.json").write_text(
+            json.dumps(
+                dict(
+                    method=r["method"],
+                    method_params="p",
+                    student_gmacs=r["gmacs"],
+                    student_throughput=r["throughput"],
+                    student_val_top1=r["top1"],
+                    teacher_val_top1=97.0,
+                    teacher_gmacs=4.0,
+                    teacher_throughput=80.0,
+                )
+            )
+        )
     files = summarize(str(tmp_path))
     table = open(files["markdown"]).read()
     assert "| 1.500 | 250 | 89.00 | 97.00 |" in table and len(collect(tmp_path)) == 4

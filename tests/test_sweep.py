@@ -1,6 +1,7 @@
 """Sweeps: the sweep objective (GMACs budget, multi-objective list), a grid that composes, and a real
 2-trial multi-objective Optuna multirun with W&B offline (one group per sweep) + summarize.py, whose
 table / CSV / PNG must hold the runs' own summary.json numbers."""
+
 import csv
 import json
 import os
@@ -28,11 +29,14 @@ def test_objective_single_list_and_budget():
     assert objective(SUMMARY, "student_val_top1", {"teacher_ratio": 0.6}) == 90.0
 
 
-@pytest.mark.parametrize("metric,budget,match", [
-    ("val_top1", None, "'val_top1' is not a number in summary.json; use one of"),
-    ("student_val_top1", {"gmacs": 1.0, "teacher_ratio": 0.5}, "not both"),
-    (["student_val_top1", "student_gmacs"], {"gmacs": 1.0}, "multi-objective"),
-])
+@pytest.mark.parametrize(
+    "metric,budget,match",
+    [
+        ("val_top1", None, "'val_top1' is not a number in summary.json; use one of"),
+        ("student_val_top1", {"gmacs": 1.0, "teacher_ratio": 0.5}, "not both"),
+        (["student_val_top1", "student_gmacs"], {"gmacs": 1.0}, "multi-objective"),
+    ],
+)
 def test_objective_errors_name_the_fix(metric, budget, match):
     with pytest.raises(ReductionConfigError, match=match):
         objective(SUMMARY, metric, budget)
@@ -63,8 +67,15 @@ def test_optuna_multi_objective_multirun_and_summary(tmp_path_factory):
     cache = cache_dir(tmp_path_factory)
     work = tmp_path_factory.mktemp("sweep")
     sweep = work / "multi_2trials"
-    cmd = train_cmd(work / "unused", cache, "hparams_search=accuracy_gmacs_optuna", "hydra.sweeper.n_trials=2",
-                    f"hydra.sweep.dir={sweep}", "logger=wandb", "logger.token_images.enabled=false")
+    cmd = train_cmd(
+        work / "unused",
+        cache,
+        "hparams_search=accuracy_gmacs_optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep}",
+        "logger=wandb",
+        "logger.token_images.enabled=false",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600, cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
@@ -82,8 +93,9 @@ def test_optuna_multi_objective_multirun_and_summary(tmp_path_factory):
         blob = b"".join(p.read_bytes() for p in runs[0].rglob("*") if p.is_file())
         assert sweep.name.encode() in blob and b"val/top1" in blob
 
-    proc = subprocess.run([os.sys.executable, str(ROOT / "summarize.py"), str(sweep)], capture_output=True,
-                          text=True, cwd=ROOT, env=env())
+    proc = subprocess.run(
+        [os.sys.executable, str(ROOT / "summarize.py"), str(sweep)], capture_output=True, text=True, cwd=ROOT, env=env()
+    )
     assert proc.returncode == 0, proc.stderr
     with open(sweep / "summary.csv") as f:
         rows = {Path(r["dir"]).name: r for r in csv.DictReader(f)}
@@ -95,7 +107,9 @@ def test_optuna_multi_objective_multirun_and_summary(tmp_path_factory):
         assert float(r["throughput"]) == s["student_throughput"] and r["method"] == "tome"
         assert f"| {s['student_val_top1']:.2f} | {s['teacher_val_top1']:.2f} |" in table
         assert f"| {s['student_gmacs']:.3g} |" in table
-    assert (sweep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (sweep / "pareto.png").stat().st_size > 5000
+    assert (sweep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (
+        sweep / "pareto.png"
+    ).stat().st_size > 5000
 
 
 def test_sweep_and_cluster_configs_compose():
@@ -105,8 +119,11 @@ def test_sweep_and_cluster_configs_compose():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         budget = compose("train", overrides=["hparams_search=gmacs_budget_optuna"], return_hydra_config=True)
         multi = compose("train", overrides=["hparams_search=accuracy_gmacs_optuna"], return_hydra_config=True)
-        slurm = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
-                                            "trainer.num_nodes=2"], return_hydra_config=True)
+        slurm = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"],
+            return_hydra_config=True,
+        )
     assert budget.optimized_metric == "student_val_top1" and budget.budget.teacher_ratio == 0.85
     assert budget.hydra.sweeper.direction == "maximize" and "method.params.r" in budget.hydra.sweeper.params
     assert list(multi.optimized_metric) == ["student_val_top1", "student_gmacs"]

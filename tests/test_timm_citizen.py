@@ -2,6 +2,7 @@
 token path runs the reduced blocks, grad checkpointing recomputes the blocks, new modules follow the
 model's device and dtype, and nothing from one call leaks into the next (inference_mode, no_grad,
 autograd, threads)."""
+
 import copy
 import io
 import pickle
@@ -112,7 +113,7 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(method):
         model.set_grad_checkpointing(ckpt)
         count = [0]
         for blk in model.blocks:  # fc1, not the whole MLP: recomputation stops early after fc2's input
-            blk.mlp.fc1.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+            blk.mlp.fc1.register_forward_hook(lambda *a, c=count: c.__setitem__(0, c[0] + 1))
         torch.manual_seed(5)  # DynamicViT's Gumbel noise: the same draws in both runs
         out = model(x)
         loss = out.float().pow(2).mean() if isinstance(out, torch.Tensor) else out

@@ -1,4 +1,5 @@
 """ToFu properties (the golden logits are checked in test_golden.py)."""
+
 import copy
 import math
 
@@ -55,8 +56,13 @@ def test_cls_stays_first_and_alone():
 
 
 def test_distilled_deit_protects_both_prefix_tokens():
-    model = apply_reduction(tiny_vit(0, cls=timm.models.deit.VisionTransformerDistilled), "tofu", ratio=0.6,
-                            strategy="tofu", trace_source=True)
+    model = apply_reduction(
+        tiny_vit(0, cls=timm.models.deit.VisionTransformerDistilled),
+        "tofu",
+        ratio=0.6,
+        strategy="tofu",
+        trace_source=True,
+    )
     with torch.no_grad():
         state = model.forward_tokens(tiny_images(2))
     eye = torch.eye(66)
@@ -123,7 +129,9 @@ def test_default_strategy_follows_the_depth():
 def test_strategies_change_the_result():
     x = tiny_images(2)
     with torch.no_grad():
-        outs = [apply_reduction(tiny_vit(0), "tofu", ratio=0.8, strategy=s)(x) for s in ("prune", "tofu", "mean", "amax")]
+        outs = [
+            apply_reduction(tiny_vit(0), "tofu", ratio=0.8, strategy=s)(x) for s in ("prune", "tofu", "mean", "amax")
+        ]
     for i in range(4):
         for j in range(i):
             assert not torch.allclose(outs[i], outs[j])
@@ -152,15 +160,18 @@ def test_gradients_flow_in_train_mode(strategy):
     assert model.blocks[-1].mlp.fc1.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("params,match", [
-    ({"ratio": 0.4}, r"ratio=0\.4.*\[0\.5, 1\].*ratio=0\.9"),
-    ({"ratio": 1.01}, r"ratio=1\.01"),
-    ({"ratio": None}, r"ratio=None"),
-    ({"strategy": "merge"}, r"strategy='merge' is not a strategy; use one of prune, tofu, mean, amax"),
-    ({"strategy": ["prune"] * 12}, r"strategy has 12 entries but the model has 4 blocks"),
-    ({"strategy": ["prune", "tofu", "sum", "mean"]}, r"strategy\[2\]='sum'"),
-    ({"keep_rate": 0.5}, r"does not take \['keep_rate'\]"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"ratio": 0.4}, r"ratio=0\.4.*\[0\.5, 1\].*ratio=0\.9"),
+        ({"ratio": 1.01}, r"ratio=1\.01"),
+        ({"ratio": None}, r"ratio=None"),
+        ({"strategy": "merge"}, r"strategy='merge' is not a strategy; use one of prune, tofu, mean, amax"),
+        ({"strategy": ["prune"] * 12}, r"strategy has 12 entries but the model has 4 blocks"),
+        ({"strategy": ["prune", "tofu", "sum", "mean"]}, r"strategy\[2\]='sum'"),
+        ({"keep_rate": 0.5}, r"does not take \['keep_rate'\]"),
+    ],
+)
 def test_bad_parameters_are_clear_errors_at_apply_time(params, match):
     with pytest.raises(ReductionConfigError, match=match):
         apply_reduction(tiny_vit(0), "tofu", **params)

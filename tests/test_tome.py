@@ -1,4 +1,5 @@
 """ToMe properties (the golden logits are checked in test_golden.py)."""
+
 import copy
 
 import pytest

@@ -3,6 +3,7 @@
 The subprocess runs share one tmp folder per test module: the first trains a tiny quickstart teacher
 (cached there), the second reuses the cache and resumes from the first run's checkpoint.
 """
+
 import csv
 import json
 import os
@@ -22,15 +23,33 @@ pytestmark = pytest.mark.slow
 TINY = ["debug=fast", "model.kwargs.embed_dim=32"]
 
 # third-party lines a user of the project cannot act on: none may appear in a run's output
-NOISE = ["💡", "litlogger", "litmodels", "module(s) in eval mode", "LeafSpec", "pin_memory", "Total FLOPs",
-         "Loading `train_dataloader`", "TPU available", "┏━", "Trainable params", "set_vital", "Warning"]
+NOISE = [
+    "💡",
+    "litlogger",
+    "litmodels",
+    "module(s) in eval mode",
+    "LeafSpec",
+    "pin_memory",
+    "Total FLOPs",
+    "Loading `train_dataloader`",
+    "TPU available",
+    "┏━",
+    "Trainable params",
+    "set_vital",
+    "Warning",
+]
 
 
 def train(tmp: Path, *overrides: str, env=None, name="run"):
-    cmd = [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp / 'logs'}",
-           f"paths.cache_dir={tmp / 'cache'}", f"hydra.run.dir={tmp / name}", *overrides]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                **(env or {})}
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"paths.log_dir={tmp / 'logs'}",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"hydra.run.dir={tmp / name}",
+        *overrides,
+    ]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600, cwd=tmp)
     return proc, tmp / name
 
@@ -69,14 +88,17 @@ def test_quickstart_trains_teacher_then_reduced_student(first_run, workdir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == "tome" and "r=[16, 12, 8, 4]" in summary["method_params"]
     assert summary["model_display_name"] == "digits ViT (quickstart)"
-    assert summary["architecture"].startswith("ViT 28x28x1 input, 4x4 patches -> 49 tokens + 1 prefix, width 32, 4 blocks")
+    assert summary["architecture"].startswith(
+        "ViT 28x28x1 input, 4x4 patches -> 49 tokens + 1 prefix, width 32, 4 blocks"
+    )
     # well above the 10% of chance on 10 digit classes
     assert summary["teacher_val_top1"] > 30.0 and summary["student_val_top1"] > 30.0
     assert 0 < summary["student_gmacs"] < summary["teacher_gmacs"]
     assert summary["student_throughput"] > 0 and summary["teacher_throughput"] > 0
     # the final table: teacher vs student top-1, GMACs, images/s and the ratios, then the run folder
-    table = proc.stdout[proc.stdout.index("=== digits ViT (quickstart) + ToMe("):]
+    table = proc.stdout[proc.stdout.index("=== digits ViT (quickstart) + ToMe(") :]
     t, st = summary["teacher_val_top1"], summary["student_val_top1"]
+
     def row(*cells):  # a table row: the cells in order, separated by spaces
         return re.compile(" +".join(re.escape(c) for c in cells) + "\n")
 
@@ -125,8 +147,9 @@ def test_checkpoint_has_no_teacher_and_reloads_with_load_weights(first_run):
 def test_second_run_reuses_teacher_and_resumes(first_run, workdir):
     _, run1 = first_run
     last = json.loads((run1 / "summary.json").read_text())["last_checkpoint"]
-    proc, run_dir = train(workdir, *TINY, f"ckpt_path={last}", "trainer.max_epochs=2", "logger=tensorboard",
-                          name="run2")
+    proc, run_dir = train(
+        workdir, *TINY, f"ckpt_path={last}", "trainer.max_epochs=2", "logger=tensorboard", name="run2"
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Reusing the cached quickstart teacher" in out and "Training the quickstart teacher" not in out
@@ -148,24 +171,40 @@ def test_compiled_student_trains_and_its_checkpoint_is_plain(first_run, workdir)
     assert "torch.compile: student and teacher compiled (backend aot_eager" in out
     eager, compiled = (json.loads((d / "summary.json").read_text()) for d in (run1, run_dir))
     assert abs(compiled["student_val_top1"] - eager["student_val_top1"]) <= 1.0
-    keys = [set(torch.load(s["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"])
-            for s in (eager, compiled)]
+    keys = [
+        set(torch.load(s["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"])
+        for s in (eager, compiled)
+    ]
     assert keys[0] == keys[1]
 
 
 def test_eval_only_with_wandb_offline(first_run, workdir):
     _, run1 = first_run
     last = json.loads((run1 / "summary.json").read_text())["last_checkpoint"]
-    proc, run_dir = train(workdir, *TINY, "train=false", f"model.checkpoint={last}", "logger=wandb",
-                          "tags=[e2e_tag_one,e2e_tag_two]", name="run3")
+    proc, run_dir = train(
+        workdir,
+        *TINY,
+        "train=false",
+        f"model.checkpoint={last}",
+        "logger=wandb",
+        "tags=[e2e_tag_one,e2e_tag_two]",
+        name="run3",
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"] is False and summary["student_val_top1"] > 30.0 and summary["best_checkpoint"] is None
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     blob = b"".join(p.read_bytes() for p in runs[0].rglob("*") if p.is_file())
-    for needle in (b"e2e_tag_one", b"e2e_tag_two", b"val/top1", b"val/teacher_top1", b"profile/student_gmacs",
-                   b"vit_tiny_patch16_224", b"bootstrap"):  # tags, metrics, resolved config
+    for needle in (
+        b"e2e_tag_one",
+        b"e2e_tag_two",
+        b"val/top1",
+        b"val/teacher_top1",
+        b"profile/student_gmacs",
+        b"vit_tiny_patch16_224",
+        b"bootstrap",
+    ):  # tags, metrics, resolved config
         assert needle in blob, needle
 
 
@@ -189,14 +228,18 @@ def test_unknown_option_gets_hydras_listing(workdir):
 # --- config errors, in process (no subprocess start-up): raised before any training ------------------
 @pytest.fixture
 def compose(tmp_path, monkeypatch):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     def make(*overrides):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = hydra_compose("train", overrides=[f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
-                                                    *overrides], return_hydra_config=True)
+            cfg = hydra_compose(
+                "train",
+                overrides=[f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", *overrides],
+                return_hydra_config=True,
+            )
         HydraConfig().set_config(cfg)
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "out")
@@ -206,22 +249,31 @@ def compose(tmp_path, monkeypatch):
     return make
 
 
-@pytest.mark.parametrize("overrides,error,match", [
-    (["method.params.r=-1"], "ReductionConfigError", "r must be >= 0"),
-    (["method.params.r=13"], "ReductionConfigError", "removes 52 tokens"),  # 49 patch tokens, 4 blocks
-    (["method=evit", "method.params.keep_rate=1.5", "method.params.locations=[1]"], "ReductionConfigError",
-     "keep_rate"),
-    (["method=evit", "method.params.keep_rate=0", "method.params.locations=[1]"], "ReductionConfigError",
-     "keep_rate"),
-    (["model.img_size=30"], "BackboneError", "not divisible by the patch size"),
-    (["data=imagenet", "model.num_classes=1000", "data.root=/no/such/imagenet"], "DataError", "/no/such/imagenet"),
-    (["distill.type=kl"], "ConfigValueError", "distill.type=kl must be one of none, soft, hard"),
-    (["ckpt_path=/no/such/last.ckpt"], "WeightsError", "ckpt_path=/no/such/last.ckpt"),
-    (["data.val_per_class=500"], "ConfigValueError", "data.val_per_class=500 must be an integer between 1 and 499"),
-    (["optim.frozen_params=[pos_embd]"], "ReductionConfigError", "'pos_embd' names no parameter"),
-    # the token pictures (logger=wandb) need a ViT patched by apply_reduction: refused before any training
-    (["model=stvit_swin_t", "method=none", "logger=wandb"], "ConfigValueError", "logger.token_images cannot draw"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (["method.params.r=-1"], "ReductionConfigError", "r must be >= 0"),
+        (["method.params.r=13"], "ReductionConfigError", "removes 52 tokens"),  # 49 patch tokens, 4 blocks
+        (
+            ["method=evit", "method.params.keep_rate=1.5", "method.params.locations=[1]"],
+            "ReductionConfigError",
+            "keep_rate",
+        ),
+        (
+            ["method=evit", "method.params.keep_rate=0", "method.params.locations=[1]"],
+            "ReductionConfigError",
+            "keep_rate",
+        ),
+        (["model.img_size=30"], "BackboneError", "not divisible by the patch size"),
+        (["data=imagenet", "model.num_classes=1000", "data.root=/no/such/imagenet"], "DataError", "/no/such/imagenet"),
+        (["distill.type=kl"], "ConfigValueError", "distill.type=kl must be one of none, soft, hard"),
+        (["ckpt_path=/no/such/last.ckpt"], "WeightsError", "ckpt_path=/no/such/last.ckpt"),
+        (["data.val_per_class=500"], "ConfigValueError", "data.val_per_class=500 must be an integer between 1 and 499"),
+        (["optim.frozen_params=[pos_embd]"], "ReductionConfigError", "'pos_embd' names no parameter"),
+        # the token pictures (logger=wandb) need a ViT patched by apply_reduction: refused before any training
+        (["model=stvit_swin_t", "method=none", "logger=wandb"], "ConfigValueError", "logger.token_images cannot draw"),
+    ],
+)
 def test_config_errors_before_training(compose, overrides, error, match, tmp_path):
     from src.trainer.run import USER_ERRORS, run
 
@@ -247,9 +299,16 @@ def test_wandb_run_is_finished_when_training_fails(compose, tmp_path, monkeypatc
         raise RuntimeError("boom in training_step")
 
     monkeypatch.setattr(ReductionModule, "training_step", boom)
-    cfg = compose("logger=wandb", "logger.token_images.enabled=false", "model.bootstrap.enabled=false",
-                  "profile.enabled=false", "model.kwargs.embed_dim=32", "trainer.limit_train_batches=2",
-                  "trainer.enable_progress_bar=false", "callbacks=none")
+    cfg = compose(
+        "logger=wandb",
+        "logger.token_images.enabled=false",
+        "model.bootstrap.enabled=false",
+        "profile.enabled=false",
+        "model.kwargs.embed_dim=32",
+        "trainer.limit_train_batches=2",
+        "trainer.enable_progress_bar=false",
+        "callbacks=none",
+    )
     with pytest.raises(RuntimeError, match="boom in training_step"):
         run(cfg)
     assert wandb.run is None
@@ -269,7 +328,8 @@ def test_checkpoint_for_another_architecture_is_refused(compose, tmp_path):
 
 
 def test_hparams_search_composes_for_optuna():
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose("train", overrides=["hparams_search=tome_r_optuna"], return_hydra_config=True)

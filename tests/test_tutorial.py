@@ -2,6 +2,7 @@
 would run it (from a fresh folder, with the repository's entry points), with tiny settings: the
 training runs get debug=fast (conf/debug/fast.yaml), the benchmark a small batch. What each step
 writes is checked; bench.py's output only for the method names (its format belongs to bench.py)."""
+
 import os
 import re
 import shlex
@@ -38,14 +39,26 @@ def test_the_page_has_every_step():
     text = TUTORIAL.read_text()
     kinds = [lang for lang, _ in blocks(text)]
     assert kinds[0] == "python" and kinds.count("bash") >= 5
-    for step in ("apply_reduction", "count_gmacs", "python bench.py", "python visualize.py", "schedule=flops",
-                 "python summarize.py", "pareto.png"):
+    for step in (
+        "apply_reduction",
+        "count_gmacs",
+        "python bench.py",
+        "python visualize.py",
+        "schedule=flops",
+        "python summarize.py",
+        "pareto.png",
+    ):
         assert step in text, step
 
 
 def test_every_command_of_the_tutorial_runs(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
     outputs = []
     for lang, code in blocks(TUTORIAL.read_text()):
         if lang == "python":

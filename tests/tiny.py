@@ -1,4 +1,5 @@
 """Small random ViTs and inputs shared by the method tests (no download, deterministic)."""
+
 import functools
 
 import torch
@@ -10,8 +11,7 @@ def tiny_vit(seed=0, cls=VisionTransformer, img_size=64, patch_size=8, depth=4, 
     """Small random ViT (width 48, 3 heads). `sharpen` multiplies every qkv weight so attention is
     peaky and token rankings have clear margins (None: timm's plain initialisation)."""
     torch.manual_seed(seed)
-    model = cls(img_size=img_size, patch_size=patch_size, embed_dim=48, depth=depth, num_heads=3,
-                num_classes=10, **kw)
+    model = cls(img_size=img_size, patch_size=patch_size, embed_dim=48, depth=depth, num_heads=3, num_classes=10, **kw)
     if sharpen is not None:
         with torch.no_grad():
             for blk in model.blocks:

@@ -11,6 +11,7 @@ Training batches come from `resumable_loader` (src/data/folder.py): the order is
 run's seed and the epoch, and each image's random shift is drawn from its own seed (seed, epoch,
 index), so a run resumed mid-epoch sees the same images with the same shifts as the run left alone.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -50,8 +51,10 @@ def stratified_split(labels: torch.Tensor, val_per_class: int, seed: int) -> Tup
     for c in labels.unique(sorted=True).tolist():
         idx = (labels == c).nonzero().flatten()
         if val_per_class >= len(idx):
-            raise ValueError(f"data.val_per_class={val_per_class} leaves no training image of class {c} "
-                             f"({len(idx)} images); use a value below {len(idx)}")
+            raise ValueError(
+                f"data.val_per_class={val_per_class} leaves no training image of class {c} "
+                f"({len(idx)} images); use a value below {len(idx)}"
+            )
         idx = idx[torch.randperm(len(idx), generator=gen)]
         val.append(idx[:val_per_class])
         train.append(idx[val_per_class:])
@@ -64,8 +67,9 @@ class DigitsDataset(Dataset):
     `max_shift` pixels (background fill). The item `(index, seed)` draws the shift from a generator
     seeded with `seed` (what the training loader asks for); a plain index draws from torch's global RNG."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, train: bool, max_shift: int,
-                 in_chans: int = 1):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, img_size: int, train: bool, max_shift: int, in_chans: int = 1
+    ):
         # stored at 28x28 with one channel; resized / repeated per item so a 224x224 RGB model does
         # not need 3 GB of copies
         self.x, self.y = (images - DIGITS_MEAN) / DIGITS_STD, labels
@@ -84,12 +88,14 @@ class DigitsDataset(Dataset):
             dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2,), generator=gen).tolist()
             shifted = torch.full_like(x, self.fill)
             h, w = x.shape[-2:]
-            shifted[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-                x[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+            shifted[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
+                :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+            ]
             x = shifted
         if self.img_size != x.shape[-1]:
-            x = torch.nn.functional.interpolate(x[None], size=(self.img_size, self.img_size), mode="bilinear",
-                                                align_corners=False)[0]
+            x = torch.nn.functional.interpolate(
+                x[None], size=(self.img_size, self.img_size), mode="bilinear", align_corners=False
+            )[0]
         return x.expand(self.in_chans, -1, -1), self.y[i]
 
 
@@ -98,9 +104,18 @@ class DigitsDataModule(L.LightningDataModule):
 
     num_classes = NUM_CLASSES
 
-    def __init__(self, batch_size: int = 64, eval_batch_size: Optional[int] = None, img_size: int = 28,
-                 in_chans: int = 1, val_per_class: int = 100, split_seed: int = 0, max_shift: int = 2,
-                 num_workers: int = 0, **_ignored):
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        img_size: int = 28,
+        in_chans: int = 1,
+        val_per_class: int = 100,
+        split_seed: int = 0,
+        max_shift: int = 2,
+        num_workers: int = 0,
+        **_ignored,
+    ):
         super().__init__()
         self.in_chans = in_chans
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -113,8 +128,9 @@ class DigitsDataModule(L.LightningDataModule):
         from .folder import DataError
 
         if not 1 <= int(self.val_per_class) < 500:
-            raise DataError(f"data.val_per_class={self.val_per_class} must be between 1 and 499 "
-                            "(each digit class has 500 images)")
+            raise DataError(
+                f"data.val_per_class={self.val_per_class} must be between 1 and 499 (each digit class has 500 images)"
+            )
         if int(self.in_chans) < 1 or int(self.img_size) < 1:
             raise DataError(f"model.in_chans={self.in_chans} and model.img_size={self.img_size} must be positive")
 
@@ -123,8 +139,9 @@ class DigitsDataModule(L.LightningDataModule):
             return
         x, y = load_digits()
         tr, va = stratified_split(y, self.val_per_class, self.split_seed)
-        self.train_set = DigitsDataset(x[tr], y[tr], self.img_size, train=True, max_shift=self.max_shift,
-                                       in_chans=self.in_chans)
+        self.train_set = DigitsDataset(
+            x[tr], y[tr], self.img_size, train=True, max_shift=self.max_shift, in_chans=self.in_chans
+        )
         self.val_set = DigitsDataset(x[va], y[va], self.img_size, train=False, max_shift=0, in_chans=self.in_chans)
 
     def train_dataloader(self):
@@ -136,5 +153,10 @@ class DigitsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # under DDP an unpadded per-rank split (every image counted once), else the plain order
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False,
-                          sampler=validation_sampler(self.val_set), num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=validation_sampler(self.val_set),
+            num_workers=self.num_workers,
+        )

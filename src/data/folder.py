@@ -20,6 +20,7 @@ ranks like `DistributedSampler`, and every training image's augmentation draws c
 whatever the number of DataLoader workers (`SeededItems` seeds python's `random`, numpy and torch for
 each image, the way timm's transforms draw).
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,10 @@ class DataError(ValueError):
 def check_image_folder(path: Path) -> int:
     """Number of class folders in `path`; raises DataError naming the path when unusable."""
     if not path.is_dir():
-        raise DataError(f"data folder not found: {path}. Expected ImageFolder layout "
-                        f"<data.root>/train/<class>/<image> and <data.root>/val/<class>/<image>; set data.root=PATH")
+        raise DataError(
+            f"data folder not found: {path}. Expected ImageFolder layout "
+            f"<data.root>/train/<class>/<image> and <data.root>/val/<class>/<image>; set data.root=PATH"
+        )
     classes = [p for p in path.iterdir() if p.is_dir()]
     if not classes:
         raise DataError(f"{path} has no class sub-folders; ImageFolder expects {path}/<class>/<image>")
@@ -115,14 +118,21 @@ class ResumableSampler(DistributedSampler):
     after creating the resumed iterator still decides the epoch.
     """
 
-    def __init__(self, dataset, seed: Optional[int] = None, num_replicas: Optional[int] = None,
-                 rank: Optional[int] = None, item_seeds: bool = True):
+    def __init__(
+        self,
+        dataset,
+        seed: Optional[int] = None,
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
+        item_seeds: bool = True,
+    ):
         if num_replicas is None or rank is None:
             running = dist.is_available() and dist.is_initialized()
             num_replicas = dist.get_world_size() if running else 1
             rank = dist.get_rank() if running else 0
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=data_seed(seed),
-                         drop_last=False)
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=data_seed(seed), drop_last=False
+        )
         self.item_seeds = bool(item_seeds)
         self._resume_epoch: Optional[int] = None  # the restored position, for the next iterator
         self._resume_consumed = 0
@@ -143,17 +153,24 @@ class ResumableSampler(DistributedSampler):
         return _ResumableIterator(self)
 
     def state_dict(self) -> Dict[str, int]:
-        return {"seed": self.seed, "epoch": self._epoch_of_position, "consumed": self._consumed,
-                "num_replicas": self.num_replicas}
+        return {
+            "seed": self.seed,
+            "epoch": self._epoch_of_position,
+            "consumed": self._consumed,
+            "num_replicas": self.num_replicas,
+        }
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
         self._resume_epoch, self._resume_consumed = self.epoch, int(state["consumed"])
         self._epoch_of_position, self._consumed = self.epoch, self._resume_consumed
         if int(state.get("num_replicas", self.num_replicas)) != self.num_replicas:
-            log.warning("Resuming the training data order saved with %s ranks on %s ranks: every remaining image of "
-                        "the epoch is still seen once, but the batches differ from the uninterrupted run's",
-                        state.get("num_replicas"), self.num_replicas)
+            log.warning(
+                "Resuming the training data order saved with %s ranks on %s ranks: every remaining image of "
+                "the epoch is still seen once, but the batches differ from the uninterrupted run's",
+                state.get("num_replicas"),
+                self.num_replicas,
+            )
 
 
 class _ResumableIterator:
@@ -171,7 +188,7 @@ class _ResumableIterator:
         s._resume_epoch, s._resume_consumed = None, 0
         s._epoch_of_position, s._consumed = epoch, start
         self.epoch = epoch
-        self.mine = s.order(epoch)[start + s.rank:s.total_size:s.num_replicas]
+        self.mine = s.order(epoch)[start + s.rank : s.total_size : s.num_replicas]
         self.pos = 0
 
     def __next__(self):
@@ -226,12 +243,19 @@ def validation_sampler(dataset) -> Optional[Sampler]:
     it in `val_dataloader()`: `DataLoader(dataset, sampler=validation_sampler(dataset), shuffle=False, ...)`."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
-    return UnrepeatedDistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
-                                        shuffle=False)
+    return UnrepeatedDistributedSampler(
+        dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=False
+    )
 
 
-def resumable_loader(dataset, batch_size: int, num_workers: int = 0, seed: Optional[int] = None,
-                     pin_memory: bool = False, persistent_workers: bool = False):
+def resumable_loader(
+    dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: Optional[int] = None,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+):
     """The training DataLoader: a torchdata `StatefulDataLoader` (Lightning saves its `state_dict()` in
     every checkpoint and loads it on resume) over a `ResumableSampler`, full batches only (timm Mixup
     needs even batches; equal steps keep the lr schedule exact). `dataset` takes `(index, seed)` items."""
@@ -240,13 +264,23 @@ def resumable_loader(dataset, batch_size: int, num_workers: int = 0, seed: Optio
     workers = int(num_workers)
     with warnings.catch_warnings():  # torchdata 0.11 calls torch's deprecated set_vital on construction
         warnings.filterwarnings("ignore", message=".*set_vital.*")
-        return StatefulDataLoader(dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, seed=seed),
-                                  drop_last=True, num_workers=workers, pin_memory=pin_memory,
-                                  persistent_workers=bool(persistent_workers) and workers > 0)
+        return StatefulDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=ResumableSampler(dataset, seed=seed),
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=bool(persistent_workers) and workers > 0,
+        )
 
 
-IMAGENET_PREPROCESSING = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-                          "interpolation": "bicubic", "crop_pct": 0.875}
+IMAGENET_PREPROCESSING = {
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+}
 
 
 def model_preprocessing(model_name: Optional[str], model_data_config: Optional[Mapping[str, Any]] = None) -> dict:
@@ -269,21 +303,39 @@ def model_preprocessing(model_name: Optional[str], model_data_config: Optional[M
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    def __init__(self, root: Optional[str] = None, train_dir: str = "train", val_dir: str = "val",
-                 batch_size: int = 64, eval_batch_size: Optional[int] = None, img_size: int = 224,
-                 in_chans: int = 3, crop_pct: float = 0.875, interpolation: str = "bicubic",
-                 auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1", color_jitter: float = 0.3,
-                 re_prob: float = 0.25, re_mode: str = "pixel", re_count: int = 1,
-                 mean=None, std=None, num_workers: int = 8, num_classes: Optional[int] = None,
-                 model_name: Optional[str] = None, model_data_config: Optional[Mapping[str, Any]] = None,
-                 **_ignored):
+    def __init__(
+        self,
+        root: Optional[str] = None,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        img_size: int = 224,
+        in_chans: int = 3,
+        crop_pct: float = 0.875,
+        interpolation: str = "bicubic",
+        auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+        color_jitter: float = 0.3,
+        re_prob: float = 0.25,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+        mean=None,
+        std=None,
+        num_workers: int = 8,
+        num_classes: Optional[int] = None,
+        model_name: Optional[str] = None,
+        model_data_config: Optional[Mapping[str, Any]] = None,
+        **_ignored,
+    ):
         super().__init__()
         self.root = root
         self.train_dir, self.val_dir = train_dir, val_dir
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         given = {"mean": mean, "std": std, "interpolation": interpolation, "crop_pct": crop_pct}
-        pre = {**model_preprocessing(model_name, model_data_config),
-               **{k: v for k, v in given.items() if v is not None}}
+        pre = {
+            **model_preprocessing(model_name, model_data_config),
+            **{k: v for k, v in given.items() if v is not None},
+        }
         self.img_size, self.in_chans, self.crop_pct = img_size, in_chans, float(pre["crop_pct"])
         self.interpolation, self.auto_augment, self.color_jitter = pre["interpolation"], auto_augment, color_jitter
         self.re_prob, self.re_mode, self.re_count = re_prob, re_mode, re_count
@@ -295,8 +347,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     def validate(self, need_train: bool = True) -> None:
         """Cheap checks of the layout, run before any model is built."""
         if self.root in (None, "", "???"):
-            raise DataError("data.root is not set: pass data.root=PATH to a folder with train/ and val/ "
-                            "ImageFolder sub-folders")
+            raise DataError(
+                "data.root is not set: pass data.root=PATH to a folder with train/ and val/ ImageFolder sub-folders"
+            )
         root = Path(str(self.root)).expanduser()
         if not root.is_dir():
             raise DataError(f"data.root not found: {root}")
@@ -313,12 +366,25 @@ class ImageFolderDataModule(L.LightningDataModule):
 
         if train:
             return create_transform(
-                self.img_size, is_training=True, auto_augment=self.auto_augment, color_jitter=self.color_jitter,
-                re_prob=self.re_prob, re_mode=self.re_mode, re_count=self.re_count,
-                interpolation=self.interpolation, mean=self.mean, std=self.std,
+                self.img_size,
+                is_training=True,
+                auto_augment=self.auto_augment,
+                color_jitter=self.color_jitter,
+                re_prob=self.re_prob,
+                re_mode=self.re_mode,
+                re_count=self.re_count,
+                interpolation=self.interpolation,
+                mean=self.mean,
+                std=self.std,
             )
-        return create_transform(self.img_size, is_training=False, crop_pct=self.crop_pct,
-                                interpolation=self.interpolation, mean=self.mean, std=self.std)
+        return create_transform(
+            self.img_size,
+            is_training=False,
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+        )
 
     def setup(self, stage: Optional[str] = None) -> None:
         from torchvision.datasets import ImageFolder
@@ -331,11 +397,22 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         """Resumable (see `resumable_loader`): each image's transform draws from its own seed."""
-        return resumable_loader(SeededItems(self.train_set), self.batch_size, num_workers=self.num_workers,
-                                pin_memory=True, persistent_workers=self.num_workers > 0)
+        return resumable_loader(
+            SeededItems(self.train_set),
+            self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=True,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         # under DDP an unpadded per-rank split (every image counted once), else the plain order
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False,
-                          sampler=validation_sampler(self.val_set), num_workers=self.num_workers,
-                          pin_memory=True, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=validation_sampler(self.val_set),
+            num_workers=self.num_workers,
+            pin_memory=True,
+            persistent_workers=self.num_workers > 0,
+        )

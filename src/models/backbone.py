@@ -6,6 +6,7 @@
 
 ``create_backbone`` is the first step alone (the bare model, optionally with a backbone checkpoint).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,11 @@ def _missing_weights_message(name: str, err: Exception) -> str:
 
 def _timm_kwargs(cfg: Mapping[str, Any]) -> dict:
     kwargs = dict(cfg.get("kwargs") or {})
-    kwargs.update(num_classes=int(cfg["num_classes"]), in_chans=int(cfg.get("in_chans", 3)),
-                  drop_path_rate=float(cfg.get("drop_path_rate", 0.0)))
+    kwargs.update(
+        num_classes=int(cfg["num_classes"]),
+        in_chans=int(cfg.get("in_chans", 3)),
+        drop_path_rate=float(cfg.get("drop_path_rate", 0.0)),
+    )
     if cfg.get("img_size") is not None:
         kwargs["img_size"] = int(cfg["img_size"])
     return kwargs
@@ -75,8 +79,14 @@ def _fit_head(model: nn.Module, sd: dict, drop_head: bool, path: str) -> dict:
     return sd
 
 
-def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike], drop_head: bool = False,
-                    ema: bool = False, fresh_modules: bool = False, drop_method_modules: bool = False) -> nn.Module:
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: Union[str, os.PathLike],
+    drop_head: bool = False,
+    ema: bool = False,
+    fresh_modules: bool = False,
+    drop_method_modules: bool = False,
+) -> nn.Module:
     """Read `checkpoint` (its EMA weights when `ema`), fit the classifier head (`drop_head`: a fresh
     head for another class count) and load it strictly with :func:`load_weights`.
     `drop_method_modules`: leave out the modules of any reduction method (the backbone alone, e.g. the
@@ -105,7 +115,9 @@ def create_backbone(cfg: Mapping[str, Any], checkpoint: Optional[str] = None) ->
     _check_sizes(model, cfg)
     checkpoint = checkpoint or cfg.get("checkpoint")
     if checkpoint:
-        return load_checkpoint(model, checkpoint, bool(cfg.get("drop_head", False)), bool(cfg.get("checkpoint_ema", False)))
+        return load_checkpoint(
+            model, checkpoint, bool(cfg.get("drop_head", False)), bool(cfg.get("checkpoint_ema", False))
+        )
     if cfg.get("pretrained", False):
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
@@ -135,10 +147,16 @@ def apply_method(model: nn.Module, method: str, params: Optional[Mapping[str, An
     return model
 
 
-def build_model(model_cfg: Mapping[str, Any], method: str = "none", params: Optional[Mapping[str, Any]] = None,
-                schedule: Optional[Mapping[str, Any]] = None, checkpoint: Optional[str] = None,
-                ema: Optional[bool] = None, weights: bool = True,
-                drop_method_modules: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
+def build_model(
+    model_cfg: Mapping[str, Any],
+    method: str = "none",
+    params: Optional[Mapping[str, Any]] = None,
+    schedule: Optional[Mapping[str, Any]] = None,
+    checkpoint: Optional[str] = None,
+    ema: Optional[bool] = None,
+    weights: bool = True,
+    drop_method_modules: bool = False,
+) -> Tuple[nn.Module, Dict[str, Any]]:
     """The model every entry point uses, and the method parameters it was built with.
 
     1. the bare model of `model_cfg` (timm pretrained when ``pretrained`` and there is no checkpoint,
@@ -171,10 +189,23 @@ def build_model(model_cfg: Mapping[str, Any], method: str = "none", params: Opti
         params = resolve_params(model, method, params, dict(schedule) if schedule else None)
     model = apply_method(model, method, params)
     if weights and ckpt:
-        load_checkpoint(model, ckpt, bool(model_cfg.get("drop_head", False)), ema, fresh_modules=True,
-                        drop_method_modules=drop_method_modules)
+        load_checkpoint(
+            model,
+            ckpt,
+            bool(model_cfg.get("drop_head", False)),
+            ema,
+            fresh_modules=True,
+            drop_method_modules=drop_method_modules,
+        )
     return model, params
 
 
-__all__ = ["BackboneError", "WeightsError", "apply_method", "build_model", "create_backbone", "is_patchable",
-           "load_checkpoint"]
+__all__ = [
+    "BackboneError",
+    "WeightsError",
+    "apply_method",
+    "build_model",
+    "create_backbone",
+    "is_patchable",
+    "load_checkpoint",
+]

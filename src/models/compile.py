@@ -18,6 +18,7 @@ unchanged, and a deep copy or pickle of the model (teacher, EMA, DDP spawn) is a
 A model without ``forward_tokens`` (a plain timm model, the unreduced teacher of another backbone) is
 compiled in place with ``nn.Module.compile``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -63,8 +64,11 @@ def compile_model(
     if fullgraph is None:
         fullgraph = static
         if not static:
-            log.info("compile_model: method '%s' has a data-dependent token schedule (static_schedule=False); "
-                     "compiling with fullgraph=False, graphs break where token counts depend on the image", name)
+            log.info(
+                "compile_model: method '%s' has a data-dependent token schedule (static_schedule=False); "
+                "compiling with fullgraph=False, graphs break where token counts depend on the image",
+                name,
+            )
     elif fullgraph and not static:
         raise ValueError(
             f"compile_model: method '{name}' keeps a number of tokens that depends on the image (static_schedule="

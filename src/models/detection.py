@@ -19,6 +19,7 @@ Image sizes other than the ViT's own: create the ViT with ``dynamic_img_size=Tru
 interpolates the position embeddings per input); height and width must be multiples of the patch
 size (torchvision's transform pads to multiples of 32, which covers patch 8, 16 and 32).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -38,8 +39,15 @@ Tensor = torch.Tensor
 def _level(dim: int, scale: float, out_channels: int) -> nn.Sequential:
     """One pyramid level from the stride-p map: resample by `scale`, then 1x1 + 3x3 convs with LayerNorm."""
     if scale == 4.0:
-        layers, ch = [nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
-                      nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)], dim // 4
+        layers, ch = (
+            [
+                nn.ConvTranspose2d(dim, dim // 2, 2, 2),
+                LayerNorm2d(dim // 2),
+                nn.GELU(),
+                nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2),
+            ],
+            dim // 4,
+        )
     elif scale == 2.0:
         layers, ch = [nn.ConvTranspose2d(dim, dim // 2, 2, 2)], dim // 2
     elif scale == 1.0:
@@ -50,16 +58,21 @@ def _level(dim: int, scale: float, out_channels: int) -> nn.Sequential:
         layers, ch = [nn.MaxPool2d(4, 4)], dim
     else:
         raise ValueError(f"scale factor {scale} not supported; use 4, 2, 1, 0.5 or 0.25")
-    layers += [nn.Conv2d(ch, out_channels, 1, bias=False), LayerNorm2d(out_channels),
-               nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)]
+    layers += [
+        nn.Conv2d(ch, out_channels, 1, bias=False),
+        LayerNorm2d(out_channels),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        LayerNorm2d(out_channels),
+    ]
     return nn.Sequential(*layers)
 
 
 class ViTDetBackbone(nn.Module):
     """Feature pyramid from the spatial token map of a timm ViT (STViT-R recovered, or unreduced)."""
 
-    def __init__(self, vit: VisionTransformer, out_channels: int = 256,
-                 scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5)):
+    def __init__(
+        self, vit: VisionTransformer, out_channels: int = 256, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5)
+    ):
         super().__init__()
         if len(scale_factors) != 4:
             raise ValueError(f"torchvision's RoI pooler reads four levels; got scale_factors={list(scale_factors)}")
@@ -97,7 +110,7 @@ class ViTDetBackbone(nn.Module):
         if "recovered" in state.extras:
             return state.extras["recovered"]
         gh, gw = state.grid_size
-        tokens = state.x[:, state.num_protected:]
+        tokens = state.x[:, state.num_protected :]
         if tokens.shape[1] != gh * gw:
             raise RuntimeError(f"{tokens.shape[1]} patch tokens left for a {gh}x{gw} grid: no spatial map")
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)

@@ -23,6 +23,7 @@ A method whose token counts depend on the pixel values (``static_schedule = Fals
 static ONNX graph; `export_onnx` refuses it with the reason (`export_blocker`), as it refuses a method
 that says ``exportable = False``. Shared code reads these capabilities, never a method's name.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,9 +52,11 @@ def export_blocker(model: nn.Module) -> Optional[str]:
     if method is None:
         return None
     if not getattr(method, "static_schedule", True):
-        return (f"method '{method.name}' keeps a number of tokens that depends on the image (static_schedule="
-                "False), so its forward pass is not one static graph; ONNX export needs a static token schedule. "
-                "Deploy it with eager PyTorch or torch.compile(fullgraph=False)")
+        return (
+            f"method '{method.name}' keeps a number of tokens that depends on the image (static_schedule="
+            "False), so its forward pass is not one static graph; ONNX export needs a static token schedule. "
+            "Deploy it with eager PyTorch or torch.compile(fullgraph=False)"
+        )
     if not getattr(method, "exportable", True):
         reason = getattr(method, "not_exportable_reason", "") or "the method says it cannot be exported"
         return f"method '{method.name}' cannot be exported to ONNX: {reason}"
@@ -66,8 +69,7 @@ def _translations() -> Dict[Any, Any]:
 
     def sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
         # ONNX TopK: "the element with the lower index appears first" among equal values = stable sort
-        size = op.Reshape(op.Gather(op.Shape(self), op.Constant(value_int=dim), axis=0),
-                          op.Constant(value_ints=[1]))
+        size = op.Reshape(op.Gather(op.Shape(self), op.Constant(value_int=dim), axis=0), op.Constant(value_ints=[1]))
         values, indices = op.TopK(self, size, axis=dim, largest=1 if descending else 0, sorted=1)
         return values, indices
 
@@ -108,11 +110,15 @@ class ExportReport:
         return d
 
     def __str__(self) -> str:
-        s = (f"wrote {self.path} ({self.file_mb:.1f} MB, method {self.method}, batch {self.batch_size}, "
-             f"{self.img_size[0]}x{self.img_size[1]}, opset {self.opset}, exported in {self.export_s:.1f} s)")
+        s = (
+            f"wrote {self.path} ({self.file_mb:.1f} MB, method {self.method}, batch {self.batch_size}, "
+            f"{self.img_size[0]}x{self.img_size[1]}, opset {self.opset}, exported in {self.export_s:.1f} s)"
+        )
         if self.checked:
-            s += (f"; onnxruntime matches PyTorch: max |diff| {self.max_abs_diff:.2e} = {self.max_rel_diff:.2e} of "
-                  f"max |logits| (tolerance {self.rtol:g})")
+            s += (
+                f"; onnxruntime matches PyTorch: max |diff| {self.max_abs_diff:.2e} = {self.max_rel_diff:.2e} of "
+                f"max |logits| (tolerance {self.rtol:g})"
+            )
         return s
 
 
@@ -120,8 +126,12 @@ def _size2(img_size) -> Tuple[int, int]:
     return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
 
 
-def onnx_session(path: Union[str, Path], threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
-                 spinning: bool = False):
+def onnx_session(
+    path: Union[str, Path],
+    threads: Optional[int] = None,
+    providers: Optional[Sequence[str]] = None,
+    spinning: bool = False,
+):
     """An onnxruntime InferenceSession of `path` with all graph optimisations, `threads` intra-op
     threads (default: torch's thread count) and, by default, the CPU provider.
 
@@ -180,8 +190,16 @@ def export_onnx(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opset, custom_translation_table=_translations(),
-                input_names=["images"], output_names=["logits"], verbose=False, report=False, optimize=optimize,
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                custom_translation_table=_translations(),
+                input_names=["images"],
+                output_names=["logits"],
+                verbose=False,
+                report=False,
+                optimize=optimize,
             )
             program.save(str(path))
         with torch.no_grad():
@@ -196,8 +214,14 @@ def export_onnx(
     finally:
         model.train(was_training)
     report = ExportReport(
-        path=str(path), batch_size=int(batch_size), img_size=hw, method=getattr(method, "name", "none"),
-        opset=opset, export_s=time.perf_counter() - start, file_mb=os.path.getsize(path) / 2**20, rtol=rtol,
+        path=str(path),
+        batch_size=int(batch_size),
+        img_size=hw,
+        method=getattr(method, "name", "none"),
+        opset=opset,
+        export_s=time.perf_counter() - start,
+        file_mb=os.path.getsize(path) / 2**20,
+        rtol=rtol,
     )
     if check:
         session = onnx_session(path)

@@ -9,6 +9,7 @@ Work a method marks with ``side_work()`` is counted too, but reported apart ("si
 in the headline, because the method's paper leaves it out of its figures: GTP's per-image semantic
 graph (GTP reports the GMACs of ToMe at the same r). Nothing is hidden: benchmarks print both.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -28,6 +29,7 @@ _aten = torch.ops.aten
 if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _cpu_sdpa = _aten._scaled_dot_product_flash_attention_for_cpu
     try:
+
         @register_flop_formula(_cpu_sdpa, get_raw=True)
         def _cpu_sdpa_flop(query, key, value, *args, out_val=None, **kwargs) -> int:
             return sdpa_flop(query.shape, key.shape, value.shape)
@@ -114,7 +116,7 @@ def time_alternating(
     sync()
     times: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else reversed(names)):
+        for name in names if r % 2 == 0 else reversed(names):
             fn = runners[name]
             sync()
             start = time.perf_counter()
@@ -160,8 +162,13 @@ def measure_throughput(
         for m in models.values():
             m.eval()
         with torch.no_grad(), autocast_context(device, precision):
-            times = time_alternating({name: (lambda m=m: m(x)) for name, m in models.items()},
-                                     rounds=rounds, iters=iters, warmup=warmup, sync=lambda: _sync(device))
+            times = time_alternating(
+                {name: (lambda m=m: m(x)) for name, m in models.items()},
+                rounds=rounds,
+                iters=iters,
+                warmup=warmup,
+                sync=lambda: _sync(device),
+            )
     finally:
         for name, m in models.items():
             m.train(states[name])

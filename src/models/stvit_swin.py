@@ -48,6 +48,7 @@ works once this module is imported. With ``features_only=True`` the same names b
 backbone of ``stvit_swin_det.py`` (detection geometry, any input size, four NCHW maps). Trained from
 scratch (300 epochs in the paper); no pretrained weights here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,8 +74,12 @@ class ConvStem(nn.Module):
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
         self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, dim // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(dim // 2), nn.Hardswish(),
-            nn.Conv2d(dim // 2, dim, 3, 2, 1, bias=False), nn.BatchNorm2d(dim), nn.Hardswish(),
+            nn.Conv2d(in_chans, dim // 2, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(dim // 2),
+            nn.Hardswish(),
+            nn.Conv2d(dim // 2, dim, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(dim),
+            nn.Hardswish(),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -104,8 +109,15 @@ class CrossAttention(nn.Module):
 class _LayerScaled(nn.Module):
     """Shared parts of the non-Swin blocks: norms, attention, MLP, LayerScale, drop path."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, qkv_bias: bool = True,
-                 layer_scale_init: float = 1e-5):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        drop_path: float,
+        qkv_bias: bool = True,
+        layer_scale_init: float = 1e-5,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = CrossAttention(dim, num_heads, qkv_bias)
@@ -170,8 +182,18 @@ class GenerationBlock(_LayerScaled):
 class SemanticStage(nn.Module):
     """Stage 3 of STViT-R-Swin: `depth // 6` repeats of [swin, generate, global(s, [s, x]), local, global, recover]."""
 
-    def __init__(self, dim: int, resolution: Sequence[int], depth: int, num_heads: int, window: int,
-                 sample: int, mlp_ratio: float, drop_path: List[float], use_global: bool):
+    def __init__(
+        self,
+        dim: int,
+        resolution: Sequence[int],
+        depth: int,
+        num_heads: int,
+        window: int,
+        sample: int,
+        mlp_ratio: float,
+        drop_path: List[float],
+        use_global: bool,
+    ):
         super().__init__()
         if depth % PERIOD:
             raise ValueError(f"the semantic stage depth must be a multiple of {PERIOD}, got {depth}")
@@ -185,8 +207,11 @@ class SemanticStage(nn.Module):
         for i in range(depth):
             kind, dp = i % PERIOD, drop_path[i]
             if kind == 0:
-                self.blocks.append(SwinTransformerBlock(dim, resolution, num_heads, window_size=window, shift_size=0,
-                                                        mlp_ratio=mlp_ratio, drop_path=dp))
+                self.blocks.append(
+                    SwinTransformerBlock(
+                        dim, resolution, num_heads, window_size=window, shift_size=0, mlp_ratio=mlp_ratio, drop_path=dp
+                    )
+                )
             elif kind == 1:
                 self.blocks.append(GenerationBlock(dim, drop_path=dp, window=window, sample=sample, **common))
             elif kind == 3:
@@ -217,15 +242,31 @@ class SemanticStage(nn.Module):
 class SwinStage(nn.Module):
     """Standard Swin stage (alternating shifted windows) as in the reference's BasicLayer."""
 
-    def __init__(self, dim: int, resolution: Sequence[int], depth: int, num_heads: int, window: int,
-                 mlp_ratio: float, drop_path: List[float]):
+    def __init__(
+        self,
+        dim: int,
+        resolution: Sequence[int],
+        depth: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float,
+        drop_path: List[float],
+    ):
         super().__init__()
-        self.blocks = nn.Sequential(*[
-            SwinTransformerBlock(dim, resolution, num_heads, window_size=window,
-                                 shift_size=0 if i % 2 == 0 else window // 2, mlp_ratio=mlp_ratio,
-                                 drop_path=drop_path[i])
-            for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                SwinTransformerBlock(
+                    dim,
+                    resolution,
+                    num_heads,
+                    window_size=window,
+                    shift_size=0 if i % 2 == 0 else window // 2,
+                    mlp_ratio=mlp_ratio,
+                    drop_path=drop_path[i],
+                )
+                for i in range(depth)
+            ]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(x)
@@ -234,10 +275,22 @@ class SwinStage(nn.Module):
 class STViTRSwin(nn.Module):
     """STViT-R-Swin classifier: forward(x) -> logits; ``forward_features`` -> pooled features."""
 
-    def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
-                 depths: Sequence[int] = (2, 2, 18, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 window_size: int = 7, sample_window_size: int = 3, mlp_ratio: float = 4.0,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.1, use_global: bool = False, **kwargs):
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        sample_window_size: int = 3,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        use_global: bool = False,
+        **kwargs,
+    ):
         super().__init__()
         if kwargs:
             raise TypeError(f"stvit_r_swin got unsupported arguments {sorted(kwargs)}")
@@ -258,11 +311,12 @@ class STViTRSwin(nn.Module):
         self.layers = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         for i, depth in enumerate(depths):
-            dim, r = embed_dim * 2 ** i, (res // 2 ** i, res // 2 ** i)
-            dp = dpr[sum(depths[:i]):sum(depths[:i + 1])]
+            dim, r = embed_dim * 2**i, (res // 2**i, res // 2**i)
+            dp = dpr[sum(depths[:i]) : sum(depths[: i + 1])]
             if i == 2:
-                stage = SemanticStage(dim, r, depth, num_heads[i], window_size, sample_window_size, mlp_ratio, dp,
-                                      use_global)
+                stage = SemanticStage(
+                    dim, r, depth, num_heads[i], window_size, sample_window_size, mlp_ratio, dp, use_global
+                )
             else:
                 stage = SwinStage(dim, r, depth, num_heads[i], window_size, mlp_ratio, dp)
             self.layers.append(stage)
@@ -307,7 +361,7 @@ _OFFICIAL_RENAMES = (
     (re.compile(r"^layers\.(\d+)\.downsample\."), r"downsamples.\1."),
 )
 _OFFICIAL_DROPPED = re.compile(r"(^|\.)attn\.relative_position_index$|^layers\.\d+\.blocks\.\d+\.attn_mask$")
-_MMDET_BACKBONE = "backbone."            # an mmdet detector's backbone entries (neck.*, rpn_head.*, roi_head.* ignored)
+_MMDET_BACKBONE = "backbone."  # an mmdet detector's backbone entries (neck.*, rpn_head.*, roi_head.* ignored)
 _OUT_NORM = re.compile(r"^norm(\d+)\.")  # the detection backbone's output norms norm0..3
 _CLASSIFIER_ONLY = re.compile(r"^(norm|head)\.")
 
@@ -322,7 +376,7 @@ def checkpoint_filter_fn(state_dict, model=None):
     the reference initialises its detector: ``norm`` and ``head`` dropped, ``norm0..3`` set to (1, 0);
     entries of stages or output norms that the model was built without (``out_indices``) are dropped."""
     if any(k.startswith(_MMDET_BACKBONE) for k in state_dict):
-        state_dict = {k[len(_MMDET_BACKBONE):]: v for k, v in state_dict.items() if k.startswith(_MMDET_BACKBONE)}
+        state_dict = {k[len(_MMDET_BACKBONE) :]: v for k, v in state_dict.items() if k.startswith(_MMDET_BACKBONE)}
     out = {}
     for key, value in state_dict.items():
         if _OFFICIAL_DROPPED.search(key):
@@ -348,8 +402,10 @@ def _to_detection_backbone(sd, model):
             norm = getattr(model, f"norm{i}")
             sd[f"norm{i}.weight"] = torch.ones(norm.weight.shape)
             sd[f"norm{i}.bias"] = torch.zeros(norm.bias.shape)
-        log.info("classification checkpoint into the detection backbone: norm/head dropped, norm%s start at (1, 0)",
-                 "/".join(str(i) for i in model.out_indices))
+        log.info(
+            "classification checkpoint into the detection backbone: norm/head dropped, norm%s start at (1, 0)",
+            "/".join(str(i) for i in model.out_indices),
+        )
     built = len(model.layers)
     merging = sum(isinstance(d, PatchMerging) for d in model.downsamples)
 

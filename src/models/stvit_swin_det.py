@@ -23,6 +23,7 @@ neighbourhoods are gathered from the projected map; positions outside the map ar
 ``kv(norm1(0))``, a single vector (:meth:`_NeighbourhoodAttention.key_windows`). Same function, a
 fraction of the MACs.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,15 @@ import torch.nn.functional as F
 from timm.models import FeatureInfo
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_partition, window_reverse
 
-from .stvit_swin import PERIOD, ConvStem, SemanticBlock, STViTRSwin, _LayerScaled
 # load_weights converts official keys with the checkpoint_filter_fn of the model class's module
-from .stvit_swin import checkpoint_filter_fn  # noqa: F401
+from .stvit_swin import (
+    PERIOD,
+    ConvStem,
+    SemanticBlock,
+    STViTRSwin,
+    _LayerScaled,
+    checkpoint_filter_fn,  # noqa: F401
+)
 
 Tensor = torch.Tensor
 MASK_VALUE = -1000.0  # the reference's padding-mask value (behaves as -inf unless every key has it)
@@ -83,8 +90,17 @@ class DetSwinBlock(SwinTransformerBlock):
     """Swin block of the detection reference: pad AFTER norm1, then roll (shift never clamped)."""
 
     def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float, drop_path: float):
-        super().__init__(dim, (window, window), num_heads, window_size=window, shift_size=shift,
-                         always_partition=True, dynamic_mask=True, mlp_ratio=mlp_ratio, drop_path=drop_path)
+        super().__init__(
+            dim,
+            (window, window),
+            num_heads,
+            window_size=window,
+            shift_size=shift,
+            always_partition=True,
+            dynamic_mask=True,
+            mlp_ratio=mlp_ratio,
+            drop_path=drop_path,
+        )
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, H, W, C); mask: the shift mask of the padded map (used when the block shifts)."""
@@ -111,10 +127,12 @@ class DetSwinStage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float, drop_path: List[float]):
         super().__init__()
         self.window = window
-        self.blocks = nn.ModuleList([
-            DetSwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, drop_path[i])
-            for i in range(depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                DetSwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, drop_path[i])
+                for i in range(depth)
+            ]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         _, H, W, _ = x.shape
@@ -142,7 +160,7 @@ class _NeighbourhoodAttention(_LayerScaled):
         kv = self.attn.kv(self.norm1(kmap))
         border = self.attn.kv(self.norm1(kmap.new_zeros(1, C)))
         full = border.reshape(1, 1, 1, -1).expand(B, R + lo + hi, S + lo + hi, 2 * C).contiguous()
-        full[:, lo:lo + R, lo:lo + S] = kv
+        full[:, lo : lo + R, lo : lo + S] = kv
         win = full.unfold(1, k, stride).unfold(2, k, stride)  # (B, nh, nw, 2C, k, k)
         return win.permute(0, 1, 2, 4, 5, 3).reshape(-1, k * k, 2 * C)
 
@@ -154,7 +172,7 @@ class _NeighbourhoodAttention(_LayerScaled):
         q = self.attn.q(q_in).reshape(Bn, Nq, h, d).transpose(1, 2)
         k, v = kv.reshape(Bn, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         K = k.shape[2]
-        logits = (q @ k.transpose(-2, -1)) * d ** -0.5
+        logits = (q @ k.transpose(-2, -1)) * d**-0.5
         logits = (logits.reshape(batch, -1, h, Nq, K) + mask.reshape(1, -1, 1, 1, K)).reshape(Bn, h, Nq, K)
         p = logits.softmax(dim=-1)
         if self.training and self.attn.attn_drop > 0:
@@ -218,8 +236,19 @@ class DetSemanticStage(nn.Module):
     """Stage 3 of the detection backbone: `depth // 6` periods of [Swin (no shift), generation (k1),
     semantic (k2), local 3x3, global, recovery (kr)]; every period pools new semantic tokens."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, sample: int, k1: int, k2: int, kr: int,
-                 mlp_ratio: float, drop_path: List[float]):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        sample: int,
+        k1: int,
+        k2: int,
+        kr: int,
+        mlp_ratio: float,
+        drop_path: List[float],
+    ):
         super().__init__()
         if depth % PERIOD:
             raise ValueError(f"the semantic stage depth must be a multiple of {PERIOD}, got {depth}")
@@ -231,8 +260,9 @@ class DetSemanticStage(nn.Module):
             if kind == 0:
                 blk = DetSwinBlock(dim, num_heads, window, 0, mlp_ratio, dp)
             elif kind in (1, 2):
-                blk = SemanticGenerationBlock(dim, drop_path=dp, window=window, sample=sample,
-                                              k=k1 if kind == 1 else k2, **common)
+                blk = SemanticGenerationBlock(
+                    dim, drop_path=dp, window=window, sample=sample, k=k1 if kind == 1 else k2, **common
+                )
             elif kind == 3:
                 blk = SemanticBlock(dim, drop_path=dp, group=sample, **common)
             elif kind == 4:
@@ -245,7 +275,7 @@ class DetSemanticStage(nn.Module):
         _, H, W, _ = x.shape
         grid = (math.ceil(H / self.window) * self.sample, math.ceil(W / self.window) * self.sample)
         for p in range(0, len(self.blocks), PERIOD):
-            swin, gen, sem, local, glob, rec = self.blocks[p:p + PERIOD]
+            swin, gen, sem, local, glob, rec = self.blocks[p : p + PERIOD]
             x = swin(x)
             s = sem(x, gen(x))
             s = glob(local(s, grid=grid))
@@ -261,11 +291,24 @@ class STViTRSwinDet(nn.Module):
     ``HighResolutionNetFeatures``): ``feature_info`` is a :class:`timm.models.FeatureInfo`. Stages after
     the last index in `out_indices` are not built."""
 
-    def __init__(self, in_chans: int = 3, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
-                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, sample_window_size: int = 3,
-                 k_window_size_1: int = 14, k_window_size_2: int = 21, restore_k_window_size: int = 27,
-                 mlp_ratio: float = 4.0, drop_rate: float = 0.0, drop_path_rate: float = 0.2,
-                 out_indices: Sequence[int] = (0, 1, 2, 3), use_global: bool = False, **kwargs):
+    def __init__(
+        self,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        sample_window_size: int = 3,
+        k_window_size_1: int = 14,
+        k_window_size_2: int = 21,
+        restore_k_window_size: int = 27,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        use_global: bool = False,
+        **kwargs,
+    ):
         super().__init__()
         for key in ("img_size", "num_classes", "global_pool"):  # any input size; no head
             kwargs.pop(key, None)
@@ -281,17 +324,27 @@ class STViTRSwinDet(nn.Module):
         num_stages = self.out_indices[-1] + 1
         self.embed_dim = embed_dim
         self.window_size, self.patch_stride = window_size, 4
-        self.num_features = [int(embed_dim * 2 ** i) for i in range(len(depths))]
+        self.num_features = [int(embed_dim * 2**i) for i in range(len(depths))]
         self.patch_embed = ConvStem(in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         for i in range(num_stages):
-            dim, dp = self.num_features[i], dpr[sum(depths[:i]):sum(depths[:i + 1])]
+            dim, dp = self.num_features[i], dpr[sum(depths[:i]) : sum(depths[: i + 1])]
             if i == 2:
-                stage = DetSemanticStage(dim, depths[i], num_heads[i], window_size, sample_window_size,
-                                         k_window_size_1, k_window_size_2, restore_k_window_size, mlp_ratio, dp)
+                stage = DetSemanticStage(
+                    dim,
+                    depths[i],
+                    num_heads[i],
+                    window_size,
+                    sample_window_size,
+                    k_window_size_1,
+                    k_window_size_2,
+                    restore_k_window_size,
+                    mlp_ratio,
+                    dp,
+                )
             else:
                 stage = DetSwinStage(dim, depths[i], num_heads[i], window_size, mlp_ratio, dp)
             self.layers.append(stage)
@@ -299,7 +352,7 @@ class STViTRSwinDet(nn.Module):
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
         self.feature_info = FeatureInfo(
-            [dict(num_chs=self.num_features[i], reduction=4 * 2 ** i, module=f"norm{i}") for i in range(num_stages)],
+            [dict(num_chs=self.num_features[i], reduction=4 * 2**i, module=f"norm{i}") for i in range(num_stages)],
             self.out_indices,
         )
         self.apply(STViTRSwin._init_weights)  # the reference's init_weights(None): trunc_normal Linear, LN (1, 0)
@@ -319,4 +372,3 @@ class STViTRSwinDet(nn.Module):
                 outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
             x = down(x)
         return outs
-

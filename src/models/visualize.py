@@ -5,6 +5,7 @@ its final token stands for, token borders are drawn in white, and patches that n
 stands for (dropped by EViT without fusion, propagated away by GTP, pruned by DynamicViT) are shown
 dark. Left: the input; right: the tokens.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -30,7 +31,7 @@ def token_assignment(model, image: Tensor) -> tuple:
     finally:
         model.trace_source = previous
     source = state.source[0]  # (N, N0): final tokens x input tokens (protected tokens first)
-    patches = source[:, source.shape[1] - int(np.prod(state.grid_size)):]  # the input patch columns
+    patches = source[:, source.shape[1] - int(np.prod(state.grid_size)) :]  # the input patch columns
     covered = patches.sum(0) > 0
     assign = torch.where(covered, patches.argmax(0), torch.full_like(covered, -1, dtype=torch.long))
     return assign.cpu().numpy(), tuple(state.grid_size)

@@ -14,6 +14,7 @@ Which keys may be where, when loading into a model patched with a reduction meth
 - keys of another method's modules (found through ``REGISTRY[...].module_names``) are an error naming
   both methods; so are method keys loaded into an unpatched model (apply the method first).
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,7 +71,8 @@ def _torch_load(path: Path):
                 f"arbitrary code; it is never loaded unsafely here. {_resave_hint(path)}"
             ) from None
         raise WeightsError(
-            f"could not read {path} with torch.load(weights_only=True): {type(err).__name__}: {text.splitlines()[0][:300] if text else ''}. "
+            f"could not read {path} with torch.load(weights_only=True): {type(err).__name__}: "
+            f"{text.splitlines()[0][:300] if text else ''}. "
             "Readable are official DeiT/EViT/DynamicViT/STViT-R files, state dicts, .safetensors and this "
             "project's Lightning checkpoints."
         ) from None
@@ -101,7 +103,7 @@ def _pick_ema(obj: Mapping, where: str) -> Mapping:
             return obj[key]
     inner = obj.get("state_dict")
     if isinstance(inner, Mapping):  # an older Lightning checkpoint of this project: ema.module.* keys
-        old = {k[len(_LIGHTNING_EMA_PREFIX):]: v for k, v in inner.items() if k.startswith(_LIGHTNING_EMA_PREFIX)}
+        old = {k[len(_LIGHTNING_EMA_PREFIX) :]: v for k, v in inner.items() if k.startswith(_LIGHTNING_EMA_PREFIX)}
         if old:
             return old
     raise WeightsError(
@@ -127,10 +129,10 @@ def extract_state_dict(obj: Mapping, where: str = "checkpoint", ema: bool = Fals
     if not sd:
         raise WeightsError(f"{where} holds no tensors (keys: {sorted(map(str, obj))[:10]})")
     if any(k.startswith("student.") for k in sd):  # our LightningModule: student only, teacher/EMA dropped
-        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+        sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")}
     for prefix in _PREFIXES[1:]:
         if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -154,8 +156,10 @@ def _groups(keys) -> Dict[str, List[str]]:
 
 
 def _describe_model(model: nn.Module) -> str:
-    return (f"{type(model).__name__} (embed_dim={getattr(model, 'embed_dim', '?')}, "
-            f"depth={len(getattr(model, 'blocks', getattr(model, 'layers', [])))})")
+    return (
+        f"{type(model).__name__} (embed_dim={getattr(model, 'embed_dim', '?')}, "
+        f"depth={len(getattr(model, 'blocks', getattr(model, 'layers', [])))})"
+    )
 
 
 def _check_method_keys(model: nn.Module, sd: Mapping[str, Tensor], own: Mapping[str, Tensor], where: str) -> None:
@@ -170,8 +174,10 @@ def _check_method_keys(model: nn.Module, sd: Mapping[str, Tensor], own: Mapping[
         first = owners[0]
         if chosen is None or chosen == "none":
             if chosen is None:
-                fix = (f"apply the method first (apply_reduction(model, '{first}', ...)) and then load the weights; "
-                       f"on the command line method={first}")
+                fix = (
+                    f"apply the method first (apply_reduction(model, '{first}', ...)) and then load the weights; "
+                    f"on the command line method={first}"
+                )
             else:
                 fix = f"use method={first} (with the settings it was trained with)"
             raise WeightsError(
@@ -206,8 +212,14 @@ def _model_filter(model: nn.Module):
     return None
 
 
-def load_weights(model: nn.Module, weights: Union[str, os.PathLike, Mapping], strict: bool = True,
-                 ema: bool = False, fresh_modules: bool = False, source: Optional[str] = None) -> nn.Module:
+def load_weights(
+    model: nn.Module,
+    weights: Union[str, os.PathLike, Mapping],
+    strict: bool = True,
+    ema: bool = False,
+    fresh_modules: bool = False,
+    source: Optional[str] = None,
+) -> nn.Module:
     """Load `weights` (a path or a state dict) into `model`, adapting position embeddings and patch
     size the way timm does for its own checkpoints.
 
@@ -243,7 +255,8 @@ def load_weights(model: nn.Module, weights: Union[str, os.PathLike, Mapping], st
         missing = sorted(set(own) - set(sd))
     wrong_shape = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in sd.items() if k in own and own[k].shape != v.shape
+        for k, v in sd.items()
+        if k in own and own[k].shape != v.shape
     ]
     unexpected = sorted(set(sd) - set(own))
     if wrong_shape or (strict and (missing or unexpected)):
@@ -258,18 +271,26 @@ def load_weights(model: nn.Module, weights: Union[str, os.PathLike, Mapping], st
         if bad_tops and bad_tops <= method_tops:
             absent = method_tops - ckpt_tops
             if {_top(k) for k in missing} <= absent and not unexpected and not wrong_shape:
-                hint = (f". The checkpoint has no weights for {', '.join(sorted(absent))} of method '{reduction.name}': "
-                        "load it before applying the method, or pass fresh_modules=True (as model.checkpoint does) "
-                        "to start them freshly initialised")
+                hint = (
+                    f". The checkpoint has no weights for {', '.join(sorted(absent))} of method '{reduction.name}': "
+                    "load it before applying the method, or pass fresh_modules=True (as model.checkpoint does) "
+                    "to start them freshly initialised"
+                )
             else:
-                hint = (f". Only modules of method '{reduction.name}' ({', '.join(sorted(bad_tops))}) differ: apply "
-                        "it with the settings the checkpoint was trained with")
+                hint = (
+                    f". Only modules of method '{reduction.name}' ({', '.join(sorted(bad_tops))}) differ: apply "
+                    "it with the settings the checkpoint was trained with"
+                )
         else:
             hint = ". Is it a checkpoint for another architecture? Pick the matching model=..."
         raise WeightsError(f"checkpoint {where} does not fit {_describe_model(model)}: " + " | ".join(lines) + hint)
     if fresh:
-        log.info("checkpoint %s has no weights for %s of method '%s': they start freshly initialised",
-                 where, ", ".join(f"{t}.*" for t in fresh), reduction.name)
+        log.info(
+            "checkpoint %s has no weights for %s of method '%s': they start freshly initialised",
+            where,
+            ", ".join(f"{t}.*" for t in fresh),
+            reduction.name,
+        )
     model.load_state_dict(sd, strict=strict)
     return model
 

@@ -16,6 +16,7 @@
   The API key is only ever read by wandb from the environment (WANDB_API_KEY); it is never put into
   the config, so it cannot reach the saved configs or logs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,9 @@ class StepCheckpoint(ModelCheckpoint):
 
     CHECKPOINT_NAME_LAST = "last-step"
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # the epoch-end checkpoint (after validation) follows
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -131,8 +133,11 @@ class CheckpointOnSigterm(Callback):
         # and the resumed run would not repeat it. Let it finish; the run stops right after it.
         from lightning.pytorch.trainer.states import TrainerFn
 
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking \
-                and trainer._signal_connector.received_sigterm:
+        if (
+            trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+            and trainer._signal_connector.received_sigterm
+        ):
             self._deferred = True
             trainer._signal_connector.received_sigterm = False
 
@@ -145,7 +150,9 @@ class CheckpointOnSigterm(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        ckpt_dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        ckpt_dirs = [
+            cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath
+        ]
         folder = Path(ckpt_dirs[0]) if ckpt_dirs else Path(trainer.default_root_dir) / "checkpoints"
         path = folder / self.filename
         trainer.save_checkpoint(str(path))
@@ -153,8 +160,12 @@ class CheckpointOnSigterm(Callback):
         for lg in trainer.loggers:
             lg.save()
         name = signal.Signals(self.received).name if self.received else "SIGTERM"
-        log.warning("%s: saved %s at global step %d; resume with ckpt_path=last in the same run folder",
-                    name, path, trainer.global_step)
+        log.warning(
+            "%s: saved %s at global step %d; resume with ckpt_path=last in the same run folder",
+            name,
+            path,
+            trainer.global_step,
+        )
         if self.received is None:
             return
         requeue_sig, auto_requeue = self._requeue_signal(trainer)
@@ -181,8 +192,9 @@ class TokenImages(Callback):
 
     def __init__(self, every_n_epochs: int = 5, num_images: int = 8, key: str = "val/tokens"):
         if int(every_n_epochs) < 1 or int(num_images) < 1:
-            raise ValueError(f"TokenImages needs every_n_epochs >= 1 and num_images >= 1, "
-                             f"got {every_n_epochs} and {num_images}")
+            raise ValueError(
+                f"TokenImages needs every_n_epochs >= 1 and num_images >= 1, got {every_n_epochs} and {num_images}"
+            )
         self.every_n_epochs, self.num_images, self.key = int(every_n_epochs), int(num_images), key
         self.logged_epochs: List[int] = []
 
@@ -221,8 +233,12 @@ class TokenImages(Callback):
         for i in picks:
             image, label = dataset[i]
             mean, std = self._mean_std(trainer, student, image.shape[0])
-            pictures.append(wandb.Image(visualize_tokens(student, image.to(device), mean=mean, std=std),
-                                        caption=f"val[{i}] label {int(label)}"))
+            pictures.append(
+                wandb.Image(
+                    visualize_tokens(student, image.to(device), mean=mean, std=std),
+                    caption=f"val[{i}] label {int(label)}",
+                )
+            )
         student.train(was_training)
         for lg in loggers:
             lg.experiment.log({self.key: pictures, "trainer/global_step": trainer.global_step})

@@ -18,6 +18,7 @@ itself refuses new keys) are reported with the known ones. `method.params` are l
 timm unchecked. A new config key needs a rule here: tests/test_config_values.py checks every shipped
 config and reports a key without one as unknown.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -98,33 +99,43 @@ def _bounds(lo, hi, lo_open: bool, hi_open: bool) -> str:
 
 
 def _within(v, lo, hi, lo_open: bool, hi_open: bool) -> bool:
-    return ((lo is None or (v > lo if lo_open else v >= lo))
-            and (hi is None or (v < hi if hi_open else v <= hi)))
+    return (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
 
 
 def num(lo=None, hi=None, lo_open: bool = False, hi_open: bool = False) -> Rule:
     """A finite int or float (not a bool) within the bounds."""
-    return Rule("a number" + _bounds(lo, hi, lo_open, hi_open),
-                lambda v: _is_num(v) and _within(v, lo, hi, lo_open, hi_open))
+    return Rule(
+        "a number" + _bounds(lo, hi, lo_open, hi_open), lambda v: _is_num(v) and _within(v, lo, hi, lo_open, hi_open)
+    )
 
 
 def integer(lo=None, hi=None) -> Rule:
     """A whole number written as one (5, not 5.0 or '5')."""
-    text = f"an integer between {lo} and {hi}" if lo is not None and hi is not None else \
-        "an integer" + _bounds(lo, hi, False, False)
+    text = (
+        f"an integer between {lo} and {hi}"
+        if lo is not None and hi is not None
+        else "an integer" + _bounds(lo, hi, False, False)
+    )
     return Rule(text, lambda v: _is_int(v) and _within(v, lo, hi, False, False))
 
 
 def one_of(*choices) -> Rule:
-    return Rule("one of " + ", ".join(_fmt(c) for c in choices),
-                lambda v: any(type(v) is type(c) and v == c for c in choices))
+    return Rule(
+        "one of " + ", ".join(_fmt(c) for c in choices), lambda v: any(type(v) is type(c) and v == c for c in choices)
+    )
 
 
 def list_of(item: Rule, length: Optional[int] = None, min_len: int = 0) -> Rule:
     size = f"{length} " if length is not None else ("non-empty " if min_len else "")
-    return Rule(f"a {size}list, each {item.text}",
-                lambda v: isinstance(v, (list, tuple)) and (length is None or len(v) == length)
-                and len(v) >= min_len and all(item.ok(x) for x in v))
+    return Rule(
+        f"a {size}list, each {item.text}",
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and (length is None or len(v) == length)
+            and len(v) >= min_len
+            and all(item.ok(x) for x in v)
+        ),
+    )
 
 
 NULL = Rule("null", lambda v: v is None)
@@ -138,9 +149,12 @@ POS_NUM, NONNEG_NUM = num(0, lo_open=True), num(0)
 PROB = num(0, 1)
 SHARE = num(0, 1, lo_open=True)  # (0, 1]
 LIMIT_BATCHES = (NULL | POS_INT | SHARE).named(
-    "null (all), an integer >= 1 (batches) or a number in (0.0, 1.0] (a fraction)")
-DEVICE_NAME = Rule("auto, cpu, cuda, cuda:<index> or mps",
-                   lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v))
+    "null (all), an integer >= 1 (batches) or a number in (0.0, 1.0] (a fraction)"
+)
+DEVICE_NAME = Rule(
+    "auto, cpu, cuda, cuda:<index> or mps",
+    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v),
+)
 
 
 def _devices_ok(v) -> bool:
@@ -154,8 +168,9 @@ def _devices_ok(v) -> bool:
     return False
 
 
-DEVICES = Rule("an integer >= 1, -1 (all), auto, a list of distinct device indices or a string such as '0,1'",
-               _devices_ok)
+DEVICES = Rule(
+    "an integer >= 1, -1 (all), auto, a list of distinct device indices or a string such as '0,1'", _devices_ok
+)
 
 
 def _strategy_ok(v) -> bool:
@@ -164,12 +179,30 @@ def _strategy_ok(v) -> bool:
     return isinstance(v, str) and (v == "auto" or v in StrategyRegistry.available_strategies())
 
 
-STRATEGY = Rule("auto or a Lightning strategy name (ddp, ddp_spawn, ddp_find_unused_parameters_true, fsdp, "
-                "deepspeed, ...)", _strategy_ok)
-PRECISION = one_of("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", 32, 16, 64, "32", "16",
-                   "64", "bf16", "transformer-engine", "transformer-engine-float16").named(
+STRATEGY = Rule(
+    "auto or a Lightning strategy name (ddp, ddp_spawn, ddp_find_unused_parameters_true, fsdp, deepspeed, ...)",
+    _strategy_ok,
+)
+PRECISION = one_of(
+    "32-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    32,
+    16,
+    64,
+    "32",
+    "16",
+    "64",
+    "bf16",
+    "transformer-engine",
+    "transformer-engine-float16",
+).named(
     "one of 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true, 32, 16, 64, bf16, transformer-engine, "
-    "transformer-engine-float16")
+    "transformer-engine-float16"
+)
 
 
 def _augment_ok(v) -> bool:
@@ -193,12 +226,16 @@ def _optimizer_ok(v) -> bool:
     return isinstance(v, str) and v.lower() in list_optimizers()
 
 
-OPTIMIZER = Rule("a timm optimizer name (timm.optim.list_optimizers(): adamw, sgd, momentum, lamb, lion, "
-                 "adopt, ...)", _optimizer_ok)
+OPTIMIZER = Rule(
+    "a timm optimizer name (timm.optim.list_optimizers(): adamw, sgd, momentum, lamb, lion, adopt, ...)", _optimizer_ok
+)
 
 
-AUGMENT = Rule("a timm augmentation policy: rand-m<magnitude>[-n<ops>-mstd<std>-inc1] (RandAugment), "
-               "augmix-m<m>-w<w>-d<d>, or original / originalr / v0 / v0r / 3a (AutoAugment)", _augment_ok)
+AUGMENT = Rule(
+    "a timm augmentation policy: rand-m<magnitude>[-n<ops>-mstd<std>-inc1] (RandAugment), "
+    "augmix-m<m>-w<w>-d<d>, or original / originalr / v0 / v0r / 3a (AutoAugment)",
+    _augment_ok,
+)
 
 Spec = Union[Rule, Tuple[Rule, str]]  # a rule, or (rule, hint shown in brackets)
 
@@ -207,15 +244,26 @@ TOP: Dict[str, Spec] = {
     "task_name": (TEXT, "it names the logs/<task_name>/ folder"),
     "tags": NULL | list_of((TEXT | num()).named("a string")),
     "train": (BOOL, "false: evaluate off-the-shelf only"),
-    "seed": (NULL | integer(0, 2 ** 32 - 1), "numpy's seed range; null: not seeded"),
+    "seed": (NULL | integer(0, 2**32 - 1), "numpy's seed range; null: not seeded"),
     "ckpt_path": (NULL | TEXT, "last, or the path of a Lightning checkpoint to resume"),
     "optimized_metric": NULL | TEXT | list_of(TEXT, min_len=2),
     "threads": (NULL | POS_INT, "torch's CPU threads; null: torch's default (one per core)"),
     # groups (checked below)
-    "optim": MAPPING, "distill": MAPPING, "ema": MAPPING, "profile": MAPPING, "model": MAPPING,
-    "method": MAPPING, "schedule": NULL | MAPPING, "data": MAPPING, "trainer": MAPPING,
-    "logger": NULL | MAPPING, "callbacks": NULL | MAPPING, "paths": MAPPING, "budget": NULL | MAPPING,
-    "hydra": MAPPING, "compile": MAPPING,
+    "optim": MAPPING,
+    "distill": MAPPING,
+    "ema": MAPPING,
+    "profile": MAPPING,
+    "model": MAPPING,
+    "method": MAPPING,
+    "schedule": NULL | MAPPING,
+    "data": MAPPING,
+    "trainer": MAPPING,
+    "logger": NULL | MAPPING,
+    "callbacks": NULL | MAPPING,
+    "paths": MAPPING,
+    "budget": NULL | MAPPING,
+    "hydra": MAPPING,
+    "compile": MAPPING,
 }
 
 GROUPS: Dict[str, Dict[str, Spec]] = {
@@ -247,8 +295,10 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
     },
     "compile": {
         "enabled": BOOL,
-        "mode": (NULL | one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                 "torch.compile's mode; null: its default"),
+        "mode": (
+            NULL | one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+            "torch.compile's mode; null: its default",
+        ),
         "backend": (TEXT, "torch.compile's backend: inductor, or aot_eager / eager to check the capture quickly"),
     },
     "profile": {
@@ -266,8 +316,10 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
     },
     "model": {
         "name": (TEXT, "a timm model name"),
-        "display_name": (NULL | TEXT, "what summaries call the model when model.name is only the timm class "
-                                      "it is built from"),
+        "display_name": (
+            NULL | TEXT,
+            "what summaries call the model when model.name is only the timm class it is built from",
+        ),
         "pretrained": (BOOL, "timm's pretrained weights"),
         "checkpoint": (NULL | TEXT, "a local weights file"),
         "checkpoint_ema": (BOOL, "true: load the checkpoint's EMA weights"),
@@ -310,13 +362,21 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
         "num_classes": NULL | POS_INT,
         "model_name": NULL | TEXT,
         "model_data_config": (NULL | MAPPING, "the model's own preprocessing (model.data_config)"),
-        "crop_pct": (NULL | SHARE, "evaluation resizes to img_size / crop_pct and center-crops img_size; "
-                                   "null: the model's"),
+        "crop_pct": (
+            NULL | SHARE,
+            "evaluation resizes to img_size / crop_pct and center-crops img_size; null: the model's",
+        ),
         "interpolation": NULL | one_of("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"),
         "auto_augment": NULL | AUGMENT,
-        "color_jitter": (NULL | NONNEG_NUM | Rule("a list of 3 or 4 numbers >= 0", lambda v: isinstance(v, list)
-                                                   and len(v) in (3, 4) and all(NONNEG_NUM.ok(x) for x in v)),
-                         "inactive while RandAugment is on, as in timm"),
+        "color_jitter": (
+            NULL
+            | NONNEG_NUM
+            | Rule(
+                "a list of 3 or 4 numbers >= 0",
+                lambda v: isinstance(v, list) and len(v) in (3, 4) and all(NONNEG_NUM.ok(x) for x in v),
+            ),
+            "inactive while RandAugment is on, as in timm",
+        ),
         "re_prob": (PROB, "random-erasing probability"),
         "re_mode": one_of("pixel", "rand", "const"),
         "re_count": (POS_INT, "random-erasing regions per image"),
@@ -341,8 +401,10 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
         "precision": PRECISION,
         "max_epochs": (POS_INT, "the cosine schedule spans them all, so -1 (endless) is not supported"),
         "min_epochs": NULL | NONNEG_INT,
-        "max_steps": (Rule("-1 (no limit) or an integer >= 1", lambda v: _is_int(v) and (v == -1 or v >= 1)),
-                      "trainer.max_epochs still applies"),
+        "max_steps": (
+            Rule("-1 (no limit) or an integer >= 1", lambda v: _is_int(v) and (v == -1 or v >= 1)),
+            "trainer.max_epochs still applies",
+        ),
         "min_steps": NULL | NONNEG_INT,
         "max_time": (NULL | TEXT | MAPPING, "DD:HH:MM:SS or {days: .., hours: ..}"),
         "gradient_clip_val": (NULL | NONNEG_NUM, "null or 0: no clipping"),
@@ -350,7 +412,8 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
         "accumulate_grad_batches": (POS_INT, "batches per optimizer step"),
         "check_val_every_n_epoch": NULL | POS_INT,
         "val_check_interval": (NULL | POS_INT | SHARE).named(
-            "null, an integer >= 1 (training batches) or a number in (0.0, 1.0] (a fraction of an epoch)"),
+            "null, an integer >= 1 (training batches) or a number in (0.0, 1.0] (a fraction of an epoch)"
+        ),
         "num_sanity_val_steps": (integer(-1), "-1: the whole validation set"),
         "log_every_n_steps": NULL | POS_INT,
         "limit_train_batches": LIMIT_BATCHES,
@@ -381,19 +444,28 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
     },
 }
 # Trainer arguments run() passes itself
-TRAINER_RESERVED = {"logger": "choose loggers with logger=<csv|tensorboard|wandb|many_loggers|null>",
-                    "callbacks": "choose callbacks with callbacks=<crash_safe|default|none>"}
+TRAINER_RESERVED = {
+    "logger": "choose loggers with logger=<csv|tensorboard|wandb|many_loggers|null>",
+    "callbacks": "choose callbacks with callbacks=<crash_safe|default|none>",
+}
 
 SCHEDULES: Dict[str, Dict[str, Spec]] = {
     "constant": {"r": (NONNEG_INT, "tokens removed in every block")},
-    "decreasing": {"r": (NONNEG_INT, "tokens removed at the middle block"),
-                   "inflect": (num(), "ToMe's inflection: -1 gives 2r ... 0, 0 a constant r")},
+    "decreasing": {
+        "r": (NONNEG_INT, "tokens removed at the middle block"),
+        "inflect": (num(), "ToMe's inflection: -1 gives 2r ... 0, 0 a constant r"),
+    },
     "list": {"r": (list_of(NONNEG_INT, min_len=1), "tokens removed per block, one entry per block")},
-    "staged": {"keep_rate": (SHARE | list_of(SHARE, min_len=1), "one rate, or one per location"),
-               "locations": (NULL | list_of(NONNEG_NUM, min_len=1), "0-based block indices or fractions of the depth")},
-    "flops": {"gmacs": (POS_NUM, "the GMACs budget the schedule is solved for"),
-              "tolerance": (POS_NUM, "the relative miss allowed"),
-              "img_size": NULL | POS_INT, "in_chans": NULL | POS_INT},
+    "staged": {
+        "keep_rate": (SHARE | list_of(SHARE, min_len=1), "one rate, or one per location"),
+        "locations": (NULL | list_of(NONNEG_NUM, min_len=1), "0-based block indices or fractions of the depth"),
+    },
+    "flops": {
+        "gmacs": (POS_NUM, "the GMACs budget the schedule is solved for"),
+        "tolerance": (POS_NUM, "the relative miss allowed"),
+        "img_size": NULL | POS_INT,
+        "in_chans": NULL | POS_INT,
+    },
 }
 
 # callbacks / loggers: rules per class, inherited along the class's MRO (by class name)
@@ -401,9 +473,14 @@ TARGETS: Dict[str, Dict[str, Spec]] = {
     "ModelCheckpoint": {
         "dirpath": PATH,
         "filename": NULL | TEXT,
-        "monitor": (NULL | Rule("a logged metric (val/top1, val/top5, val/loss, train/loss, ..., epoch, step)",
-                                lambda v: isinstance(v, str) and re.fullmatch(r"(val|train)/[\w./-]+|epoch|step", v)),
-                    "the metric that ranks the best checkpoints"),
+        "monitor": (
+            NULL
+            | Rule(
+                "a logged metric (val/top1, val/top5, val/loss, train/loss, ..., epoch, step)",
+                lambda v: isinstance(v, str) and re.fullmatch(r"(val|train)/[\w./-]+|epoch|step", v),
+            ),
+            "the metric that ranks the best checkpoints",
+        ),
         "mode": one_of("max", "min"),
         "save_top_k": (integer(-1), "-1: all, 0: none"),
         "save_last": NULL | BOOL | one_of("link"),
@@ -417,8 +494,10 @@ TARGETS: Dict[str, Dict[str, Spec]] = {
         "enable_version_counter": BOOL,
     },
     "StepCheckpoint": {
-        "every_n_train_steps": (POS_INT, "training steps between the crash-safe last-step.ckpt saves; "
-                                         "callbacks=default has no mid-epoch checkpoint"),
+        "every_n_train_steps": (
+            POS_INT,
+            "training steps between the crash-safe last-step.ckpt saves; callbacks=default has no mid-epoch checkpoint",
+        ),
     },
     "CheckpointOnSigterm": {"filename": TEXT},
     "LearningRateMonitor": {
@@ -427,17 +506,33 @@ TARGETS: Dict[str, Dict[str, Spec]] = {
         "log_weight_decay": BOOL,
     },
     "CSVLogger": {
-        "save_dir": PATH, "name": NULL | STR, "version": NULL | STR | NONNEG_INT, "prefix": STR,
+        "save_dir": PATH,
+        "name": NULL | STR,
+        "version": NULL | STR | NONNEG_INT,
+        "prefix": STR,
         "flush_logs_every_n_steps": POS_INT,
     },
     "TensorBoardLogger": {
-        "save_dir": PATH, "name": NULL | STR, "version": NULL | STR | NONNEG_INT, "prefix": STR,
-        "log_graph": BOOL, "default_hp_metric": BOOL, "sub_dir": NULL | STR,
+        "save_dir": PATH,
+        "name": NULL | STR,
+        "version": NULL | STR | NONNEG_INT,
+        "prefix": STR,
+        "log_graph": BOOL,
+        "default_hp_metric": BOOL,
+        "sub_dir": NULL | STR,
     },
     "WandbLogger": {
-        "project": NULL | TEXT, "name": NULL | STR, "save_dir": PATH, "offline": BOOL, "id": NULL | STR,
-        "log_model": NULL | BOOL | one_of("all"), "group": NULL | STR, "job_type": NULL | STR,
-        "tags": NULL | list_of((TEXT | num()).named("a string")), "prefix": STR, "anonymous": NULL | BOOL,
+        "project": NULL | TEXT,
+        "name": NULL | STR,
+        "save_dir": PATH,
+        "offline": BOOL,
+        "id": NULL | STR,
+        "log_model": NULL | BOOL | one_of("all"),
+        "group": NULL | STR,
+        "job_type": NULL | STR,
+        "tags": NULL | list_of((TEXT | num()).named("a string")),
+        "prefix": STR,
+        "anonymous": NULL | BOOL,
     },
 }
 
@@ -480,13 +575,16 @@ def _unknown(path: str, node: DictConfig, key: str, known: Iterable[str], what: 
     except ConfigValueError:
         shown = "..."
     full = f"{path}.{key}" if path else str(key)
-    _fail(f"{full}={shown} is not a setting of {what}" + (f" (did you mean {path + '.' if path else ''}{close[0]}?)"
-                                                          if close else "")
-          + f"; known: {', '.join(known)}")
+    _fail(
+        f"{full}={shown} is not a setting of {what}"
+        + (f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else "")
+        + f"; known: {', '.join(known)}"
+    )
 
 
-def _check_node(node: Any, path: str, rules: Mapping[str, Spec], known: Optional[Iterable[str]] = None,
-                what: Optional[str] = None) -> None:
+def _check_node(
+    node: Any, path: str, rules: Mapping[str, Spec], known: Optional[Iterable[str]] = None, what: Optional[str] = None
+) -> None:
     """The keys of `node` under `rules`; with `known` (default: the rules' keys) other keys are unknown."""
     if not isinstance(node, DictConfig):
         return
@@ -529,8 +627,7 @@ def _check_instantiated(node: Any, path: str) -> None:
         rules.update(TARGETS.get(base.__name__, {}))
     named, var_kw = _signature_keys(cls)
     known = None if var_kw else named | {"_target_"}
-    _check_node(node, path, rules, known=known if known is not None else set(node.keys()),
-                what=f"{cls.__name__}")
+    _check_node(node, path, rules, known=known if known is not None else set(node.keys()), what=f"{cls.__name__}")
 
 
 def _optimizer_keys(node: Any) -> set:
@@ -547,8 +644,7 @@ def _check_groups(cfg: DictConfig) -> None:
     _check_node(cfg, "", TOP, what="the training config")
     optim = cfg.get("optim")
     if isinstance(optim, DictConfig):
-        _check_node(optim, "optim", GROUPS["optim"], known=set(GROUPS["optim"]) | _optimizer_keys(optim),
-                    what="optim")
+        _check_node(optim, "optim", GROUPS["optim"], known=set(GROUPS["optim"]) | _optimizer_keys(optim), what="optim")
     for group in ("distill", "ema", "compile", "profile", "budget", "model", "method"):
         _check_node(cfg.get(group), group, GROUPS[group])
     model = cfg.get("model")
@@ -559,8 +655,7 @@ def _check_groups(cfg: DictConfig) -> None:
     if isinstance(schedule, DictConfig):
         name = _get(schedule, "name", "schedule.name") if "name" in schedule else None
         _check_value("schedule.name", name, one_of(*SCHEDULES))
-        _check_node(schedule, "schedule", SCHEDULES[name], known={"name", *SCHEDULES[name]},
-                    what=f"schedule={name}")
+        _check_node(schedule, "schedule", SCHEDULES[name], known={"name", *SCHEDULES[name]}, what=f"schedule={name}")
 
     data = cfg.get("data")
     if isinstance(data, DictConfig):
@@ -576,11 +671,14 @@ def _check_groups(cfg: DictConfig) -> None:
     if isinstance(trainer, DictConfig):
         for key, hint in TRAINER_RESERVED.items():
             if key in trainer:
-                _fail(f"trainer.{key}={_fmt(_get(trainer, key, 'trainer.' + key))} cannot be set: run() passes the "
-                      f"trainer its {key} itself; {hint}")
+                _fail(
+                    f"trainer.{key}={_fmt(_get(trainer, key, 'trainer.' + key))} cannot be set: run() passes the "
+                    f"trainer its {key} itself; {hint}"
+                )
         named = _signature_keys(_target_class(trainer, "trainer"))[0] - set(TRAINER_RESERVED)
-        _check_node(trainer, "trainer", GROUPS["trainer"], known=named | {"_target_"},
-                    what=f"{trainer.get('_target_')}")
+        _check_node(
+            trainer, "trainer", GROUPS["trainer"], known=named | {"_target_"}, what=f"{trainer.get('_target_')}"
+        )
 
     for group in ("callbacks", "logger"):
         node = cfg.get(group)
@@ -614,8 +712,10 @@ def _check_cross(cfg: DictConfig) -> None:
     if _val(cfg, "trainer.accelerator") == "cpu":
         devices = _val(cfg, "trainer.devices", 1)
         if not (devices == "auto" or (_is_int(devices) and devices >= 1)):
-            _fail(f"trainer.devices={_fmt(devices)} must be an integer >= 1 or auto with trainer.accelerator=cpu "
-                  "(processes on this machine; device lists are for GPUs)")
+            _fail(
+                f"trainer.devices={_fmt(devices)} must be an integer >= 1 or auto with trainer.accelerator=cpu "
+                "(processes on this machine; device lists are for GPUs)"
+            )
 
     # optimizer: settings the chosen optimizer does not take (timm would drop them silently)
     name = _val(cfg, "optim.name", "adamw")
@@ -625,8 +725,10 @@ def _check_cross(cfg: DictConfig) -> None:
         info = get_optimizer_info(name.lower())
         for key, has in (("betas", info.has_betas), ("eps", info.has_eps), ("momentum", info.has_momentum)):
             if _val(cfg, f"optim.{key}") is not None and not has:
-                _fail(f"optim.{key}={_fmt(_val(cfg, f'optim.{key}'))} cannot be used with optim.name={name} "
-                      f"({info.description}); remove it (~optim.{key}) or choose an optimizer that takes it")
+                _fail(
+                    f"optim.{key}={_fmt(_val(cfg, f'optim.{key}'))} cannot be used with optim.name={name} "
+                    f"({info.description}); remove it (~optim.{key}) or choose an optimizer that takes it"
+                )
 
     # data <-> model
     for key in ("img_size", "in_chans"):
@@ -635,8 +737,10 @@ def _check_cross(cfg: DictConfig) -> None:
             _fail(f"data.{key}={_fmt(d)} must equal model.{key}={_fmt(m)} (leave data.{key} at ${{model.{key}}})")
     d_classes, m_classes = _val(cfg, "data.num_classes"), _val(cfg, "model.num_classes")
     if d_classes is not None and m_classes is not None and d_classes != m_classes:
-        _fail(f"data.num_classes={d_classes} must equal model.num_classes={m_classes} (the data's classes are the "
-              f"model's outputs: choose a model for {d_classes} classes or set model.num_classes={d_classes})")
+        _fail(
+            f"data.num_classes={d_classes} must equal model.num_classes={m_classes} (the data's classes are the "
+            f"model's outputs: choose a model for {d_classes} classes or set model.num_classes={d_classes})"
+        )
     if str(_val(cfg, "data._target_", "")).endswith("DigitsDataModule") and _is_int(m_classes) and m_classes < 10:
         _fail(f"model.num_classes={m_classes} must be >= 10 on the digits (data=digits has 10 classes)")
     chans = _val(cfg, "data.in_chans")
@@ -648,40 +752,53 @@ def _check_cross(cfg: DictConfig) -> None:
     batch = _val(cfg, "data.batch_size")
     mixing = (mixup or 0) > 0 or (cutmix or 0) > 0 or _val(cfg, "data.mixup.cutmix_minmax") is not None
     if mixing and _is_int(batch) and batch % 2:
-        _fail(f"data.batch_size={batch} must be even while mixup or cutmix is on (data.mixup.mixup_alpha={mixup}, "
-              f"cutmix_alpha={cutmix}): timm's Mixup mixes each image with its mirror in the batch")
+        _fail(
+            f"data.batch_size={batch} must be even while mixup or cutmix is on (data.mixup.mixup_alpha={mixup}, "
+            f"cutmix_alpha={cutmix}): timm's Mixup mixes each image with its mirror in the batch"
+        )
 
     # the quickstart teacher needs its recipe
     if _val(cfg, "model.bootstrap.enabled") is True and not _val(cfg, "model.checkpoint"):
         for key in ("epochs", "lr"):
             if _val(cfg, f"model.bootstrap.{key}") is None:
-                _fail(f"model.bootstrap.enabled=true needs model.bootstrap.{key} (the teacher's training recipe; "
-                      "see conf/model/quickstart.yaml), or set model.bootstrap.enabled=false")
+                _fail(
+                    f"model.bootstrap.enabled=true needs model.bootstrap.{key} (the teacher's training recipe; "
+                    "see conf/model/quickstart.yaml), or set model.bootstrap.enabled=false"
+                )
 
     # the sweep objective
     if _val(cfg, "budget.gmacs") is not None and _val(cfg, "budget.teacher_ratio") is not None:
-        _fail(f"budget.gmacs={_val(cfg, 'budget.gmacs')} and budget.teacher_ratio={_val(cfg, 'budget.teacher_ratio')} "
-              "are both set; set one of them and the other to null")
+        _fail(
+            f"budget.gmacs={_val(cfg, 'budget.gmacs')} and budget.teacher_ratio={_val(cfg, 'budget.teacher_ratio')} "
+            "are both set; set one of them and the other to null"
+        )
     metric = _val(cfg, "optimized_metric")
-    if isinstance(metric, list) and (_val(cfg, "budget.gmacs") is not None
-                                     or _val(cfg, "budget.teacher_ratio") is not None):
-        _fail(f"optimized_metric={_fmt(metric)} (several objectives) cannot take a GMACs budget; "
-              "set budget.gmacs=null budget.teacher_ratio=null or optimise one key")
+    if isinstance(metric, list) and (
+        _val(cfg, "budget.gmacs") is not None or _val(cfg, "budget.teacher_ratio") is not None
+    ):
+        _fail(
+            f"optimized_metric={_fmt(metric)} (several objectives) cannot take a GMACs budget; "
+            "set budget.gmacs=null budget.teacher_ratio=null or optimise one key"
+        )
 
     # checkpoint callbacks: what Lightning would refuse only when it builds them (after the profile)
     callbacks = cfg.get("callbacks")
-    for name in (callbacks.keys() if isinstance(callbacks, DictConfig) else ()):
+    for name in callbacks.keys() if isinstance(callbacks, DictConfig) else ():
         path = f"callbacks.{name}"
         monitor, top_k = _val(cfg, f"{path}.monitor"), _val(cfg, f"{path}.save_top_k", 1)
         if monitor is None and "save_top_k" in (callbacks.get(name) or {}) and top_k not in (-1, 0, 1):
-            _fail(f"{path}.save_top_k={top_k} needs {path}.monitor (a metric to rank by); "
-                  "without one only -1, 0 or 1 are allowed")
+            _fail(
+                f"{path}.save_top_k={top_k} needs {path}.monitor (a metric to rank by); "
+                "without one only -1, 0 or 1 are allowed"
+            )
         if monitor == "val/ema_top1" and not _val(cfg, "ema.enabled"):
             _fail(f"{path}.monitor=val/ema_top1 needs ema.enabled=true")
         steps, epochs = _val(cfg, f"{path}.every_n_train_steps") or 0, _val(cfg, f"{path}.every_n_epochs") or 0
         if _is_int(steps) and _is_int(epochs) and steps >= 1 and epochs >= 1:
-            _fail(f"{path}.every_n_train_steps={steps} and {path}.every_n_epochs={epochs} are both set; "
-                  "a checkpoint callback takes one of them")
+            _fail(
+                f"{path}.every_n_train_steps={steps} and {path}.every_n_epochs={epochs} are both set; "
+                "a checkpoint callback takes one of them"
+            )
 
 
 # --- this machine ------------------------------------------------------------------------------------
@@ -692,8 +809,10 @@ def check_environment(cfg: DictConfig) -> None:
 
     accel = _val(cfg, "trainer.accelerator", "auto")
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
-        _fail(f"trainer.accelerator={accel} needs a CUDA GPU, but none is available here "
-              "(torch.cuda.is_available() is False); use trainer.accelerator=cpu or auto")
+        _fail(
+            f"trainer.accelerator={accel} needs a CUDA GPU, but none is available here "
+            "(torch.cuda.is_available() is False); use trainer.accelerator=cpu or auto"
+        )
     mps = getattr(torch.backends, "mps", None)
     if accel == "mps" and not (mps is not None and mps.is_available()):
         _fail("trainer.accelerator=mps needs Apple's Metal (MPS), which is not available here; use cpu or auto")
@@ -701,8 +820,10 @@ def check_environment(cfg: DictConfig) -> None:
         _fail("trainer.accelerator=tpu needs torch_xla, which is not installed; use cpu, gpu or auto")
     precision = str(_val(cfg, "trainer.precision", "32-true"))
     if precision.startswith("transformer-engine") and importlib.util.find_spec("transformer_engine") is None:
-        _fail(f"trainer.precision={precision} needs NVIDIA's transformer_engine, which is not installed; "
-              "use 16-mixed or bf16-mixed")
+        _fail(
+            f"trainer.precision={precision} needs NVIDIA's transformer_engine, which is not installed; "
+            "use 16-mixed or bf16-mixed"
+        )
     device = str(_val(cfg, "profile.device", "auto")) if _val(cfg, "profile.enabled", True) else "auto"
     if device.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

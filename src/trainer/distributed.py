@@ -14,6 +14,7 @@ sampler itself, chosen when Lightning calls `val_dataloader()`, after the proces
 `unpadded_validation(datamodule)` does the same from outside for a DataModule that does not (it
 wraps `val_dataloader`); for one that does, it changes nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,11 +44,20 @@ def unpadded_loader(loader: DataLoader) -> DataLoader:
     if validation_sampler(loader.dataset) is None or isinstance(loader.sampler, DistributedSampler):
         return loader
     if not isinstance(loader.sampler, SequentialSampler):
-        raise TypeError(f"validation loader must be sequential (shuffle=False) to split it exactly across ranks, "
-                        f"got sampler {type(loader.sampler).__name__}")
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=validation_sampler(loader.dataset),
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=False,
-                      persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False)
+        raise TypeError(
+            f"validation loader must be sequential (shuffle=False) to split it exactly across ranks, "
+            f"got sampler {type(loader.sampler).__name__}"
+        )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=validation_sampler(loader.dataset),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=False,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+    )
 
 
 def unpadded_validation(datamodule):

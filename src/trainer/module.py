@@ -21,6 +21,7 @@ method and settings it holds (plain containers, so ``torch.load(weights_only=Tru
 Kept by hand, with the reason beside it: DeiT's distillation normalisation, the split of the
 parameters into the method's new modules and the backbone, and the teacher-free checkpoints.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional
@@ -44,8 +45,19 @@ DISTILL_TYPES = ("none", "soft", "hard")
 OPTIM_SCHEDULES = ("cosine", "tanh", "constant")  # timm create_scheduler_v2 names that need no extra settings
 # optim keys this module reads itself; every other key of the optim config is an argument of the
 # optimizer (betas and eps of AdamW, momentum of SGD, ...)
-OPTIM_KEYS = ("name", "lr", "lr_base_batch", "weight_decay", "sched", "min_lr", "warmup_lr", "warmup_epochs",
-              "backbone_lr_scale", "backbone_freeze_epochs", "frozen_params")
+OPTIM_KEYS = (
+    "name",
+    "lr",
+    "lr_base_batch",
+    "weight_decay",
+    "sched",
+    "min_lr",
+    "warmup_lr",
+    "warmup_epochs",
+    "backbone_lr_scale",
+    "backbone_freeze_epochs",
+    "frozen_params",
+)
 
 
 EMA_PREFIX = "ema.module."  # the EMA copy's keys inside the LightningModule's state dict
@@ -63,8 +75,16 @@ def distillation_loss(kind: str, student: Tensor, teacher: Tensor, tau: float) -
     exactly as DeiT normalises it. hard: cross-entropy against the teacher's argmax.
     """
     if kind == "soft":
-        return F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
-                        reduction="sum", log_target=True) * (tau * tau) / student.numel()
+        return (
+            F.kl_div(
+                F.log_softmax(student / tau, dim=1),
+                F.log_softmax(teacher / tau, dim=1),
+                reduction="sum",
+                log_target=True,
+            )
+            * (tau * tau)
+            / student.numel()
+        )
     if kind == "hard":
         return F.cross_entropy(student, teacher.argmax(dim=1))
     raise ReductionConfigError(f"distill.type must be one of {DISTILL_TYPES}, got {kind!r}")
@@ -123,11 +143,21 @@ class ReductionModule(L.LightningModule):
     into the checkpoint's hyper-parameters, to say what it holds; all must be plain containers.
     """
 
-    def __init__(self, student: nn.Module, method: Optional[str] = None, method_params: Optional[Mapping] = None,
-                 num_classes: int = 1000, optim: Optional[Mapping] = None, distill: Optional[Mapping] = None,
-                 ema: Optional[Mapping] = None, mixup: Optional[Mapping] = None, batch_size: int = 64,
-                 model: Optional[Mapping] = None, method_config: Optional[Mapping] = None,
-                 schedule: Optional[Mapping] = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        method: Optional[str] = None,
+        method_params: Optional[Mapping] = None,
+        num_classes: int = 1000,
+        optim: Optional[Mapping] = None,
+        distill: Optional[Mapping] = None,
+        ema: Optional[Mapping] = None,
+        mixup: Optional[Mapping] = None,
+        batch_size: int = 64,
+        model: Optional[Mapping] = None,
+        method_config: Optional[Mapping] = None,
+        schedule: Optional[Mapping] = None,
+    ):
         super().__init__()
         # the checkpoint's "hyper_parameters": every argument but the student (its weights are the
         # state dict); not sent to the loggers, which get the whole resolved config from run()
@@ -140,8 +170,10 @@ class ReductionModule(L.LightningModule):
             student = apply_method(student, method or "none", method_params)
         self.method = getattr(getattr(student, "reduction", None), "name", "none")
         # what the student holds, also when it arrived reduced: the method and its resolved settings
-        self.hparams["reduction"] = {"method": self.method,
-                                     "settings": repr(getattr(student, "reduction", None) or "none")}
+        self.hparams["reduction"] = {
+            "method": self.method,
+            "settings": repr(getattr(student, "reduction", None) or "none"),
+        }
         self.num_classes, self.batch_size = int(num_classes), int(batch_size)
         self.distill_type = self.distill_cfg.get("type", "none")
         if self.distill_type not in DISTILL_TYPES:
@@ -156,7 +188,8 @@ class ReductionModule(L.LightningModule):
         self.teacher = apply_method(unreduced_copy(student), "none")  # backbone weights, no method modules
         self.teacher.eval().requires_grad_(False)
         self.needs_teacher = (self.distill_type != "none" and self.distill_weight > 0) or bool(
-            getattr(getattr(self.student, "reduction", None), "needs_teacher", False))
+            getattr(getattr(self.student, "reduction", None), "needs_teacher", False)
+        )
 
         self.mixup_fn = self._make_mixup()
         self.smoothing = float(self.mixup_cfg.get("label_smoothing", 0.0))
@@ -181,10 +214,16 @@ class ReductionModule(L.LightningModule):
             return None
         from timm.data import Mixup
 
-        return Mixup(mixup_alpha=float(m.get("mixup_alpha", 0.0)), cutmix_alpha=float(m.get("cutmix_alpha", 0.0)),
-                     cutmix_minmax=m.get("cutmix_minmax"), prob=float(m.get("prob", 1.0)),
-                     switch_prob=float(m.get("switch_prob", 0.5)), mode=m.get("mode", "batch"),
-                     label_smoothing=float(m.get("label_smoothing", 0.0)), num_classes=self.num_classes)
+        return Mixup(
+            mixup_alpha=float(m.get("mixup_alpha", 0.0)),
+            cutmix_alpha=float(m.get("cutmix_alpha", 0.0)),
+            cutmix_minmax=m.get("cutmix_minmax"),
+            prob=float(m.get("prob", 1.0)),
+            switch_prob=float(m.get("switch_prob", 0.5)),
+            mode=m.get("mode", "batch"),
+            label_smoothing=float(m.get("label_smoothing", 0.0)),
+            num_classes=self.num_classes,
+        )
 
     @staticmethod
     def run_model(model: nn.Module, x: Tensor, tokens_api: bool):
@@ -222,8 +261,13 @@ class ReductionModule(L.LightningModule):
             terms["distill"] = self.distill_weight * distillation_loss(self.distill_type, logits, t_logits, tau)
         if state is not None:
             extra = self.student.reduction.losses(
-                state, logits=logits, targets=targets, teacher_logits=t_logits, teacher_state=t_state,
-                epoch=self.current_epoch, step=self.global_step,
+                state,
+                logits=logits,
+                targets=targets,
+                teacher_logits=t_logits,
+                teacher_state=t_state,
+                epoch=self.current_epoch,
+                step=self.global_step,
             )
             clash = set(extra) & set(terms)
             if clash:
@@ -298,8 +342,7 @@ class ReductionModule(L.LightningModule):
             parts["new" if name.split(".")[0] in new else "backbone"].append((name, p))
         groups = []
         for part, named in parts.items():
-            for group in param_groups_weight_decay(_Named(named), weight_decay=weight_decay,
-                                                   no_weight_decay_list=skip):
+            for group in param_groups_weight_decay(_Named(named), weight_decay=weight_decay, no_weight_decay_list=skip):
                 groups.append({**group, "group": part, "lr_scale": self._lr_scale(part, epoch=0)})
         return groups
 
@@ -319,17 +362,23 @@ class ReductionModule(L.LightningModule):
         kwargs = {k: (tuple(v) if k == "betas" else v) for k, v in cfg.items() if k not in OPTIM_KEYS}
         kwargs.setdefault("betas", (0.9, 0.999))
         kwargs.setdefault("eps", 1e-8)  # both dropped by timm for optimizers without them (SGD)
-        optimizer = create_optimizer_v2(self.param_groups(wd), opt=str(cfg.get("name", "adamw")),
-                                        lr=self.effective_lr(), weight_decay=wd, **kwargs)
+        optimizer = create_optimizer_v2(
+            self.param_groups(wd), opt=str(cfg.get("name", "adamw")), lr=self.effective_lr(), weight_decay=wd, **kwargs
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = total / max(1, int(self.trainer.max_epochs or 1))
         sched = str(cfg.get("sched", "cosine"))
         if sched not in OPTIM_SCHEDULES:
             raise ReductionConfigError(f"optim.sched must be one of {OPTIM_SCHEDULES}, got {sched!r}")
         scheduler, _ = create_scheduler_v2(
-            optimizer, sched=sched, num_epochs=total, step_on_epochs=False, updates_per_epoch=1,
+            optimizer,
+            sched=sched,
+            num_epochs=total,
+            step_on_epochs=False,
+            updates_per_epoch=1,
             warmup_epochs=int(round(float(cfg.get("warmup_epochs", 0)) * per_epoch)),
-            warmup_lr=float(cfg.get("warmup_lr", 1e-6)), min_lr=float(cfg.get("min_lr", 1e-5)),
+            warmup_lr=float(cfg.get("warmup_lr", 1e-6)),
+            min_lr=float(cfg.get("min_lr", 1e-5)),
             warmup_prefix=False,  # DeiT's and timm's convention: the cosine spans all steps, warmup included
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -352,7 +401,7 @@ class ReductionModule(L.LightningModule):
             del sd[k]
         ema = [k for k in sd if k.startswith(EMA_PREFIX)]
         if ema:  # timm's convention: top-level state_dict_ema with the student's plain key names
-            checkpoint["state_dict_ema"] = {k[len(EMA_PREFIX):]: sd.pop(k) for k in ema}
+            checkpoint["state_dict_ema"] = {k[len(EMA_PREFIX) :]: sd.pop(k) for k in ema}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         sd = checkpoint.setdefault("state_dict", {})
@@ -364,5 +413,12 @@ class ReductionModule(L.LightningModule):
                 sd.setdefault(f"{EMA_PREFIX}{k}", saved.get(k, v))
 
 
-__all__ = ["PercentAccuracy", "ReductionModule", "distillation_loss", "freeze_parameters", "reduce_backbone",
-           "soft_targets", "is_patchable"]
+__all__ = [
+    "PercentAccuracy",
+    "ReductionModule",
+    "distillation_loss",
+    "freeze_parameters",
+    "reduce_backbone",
+    "soft_targets",
+    "is_patchable",
+]

@@ -8,6 +8,7 @@
   score = value - budget.penalty * (gmacs / budget - 1) when gmacs > budget, so the sweeper still
   sees *how far* over budget a setting is (a hard -inf would give TPE nothing to learn from).
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Mapping, Optional, Union
@@ -38,15 +39,20 @@ def gmacs_budget(summary: Mapping[str, Any], budget: Optional[Mapping[str, Any]]
     return limit
 
 
-def objective(summary: Mapping[str, Any], optimized_metric: Union[str, List[str], None],
-              budget: Optional[Mapping[str, Any]] = None) -> Union[None, float, List[float]]:
+def objective(
+    summary: Mapping[str, Any],
+    optimized_metric: Union[str, List[str], None],
+    budget: Optional[Mapping[str, Any]] = None,
+) -> Union[None, float, List[float]]:
     """The sweeper's return value for one finished run (None when nothing is optimised)."""
     if not optimized_metric:
         return None
     if not isinstance(optimized_metric, str):
         if gmacs_budget(summary, budget) is not None:
-            raise ReductionConfigError("a GMACs budget applies to one accuracy objective; for accuracy and GMACs "
-                                       "together use the multi-objective list without budget")
+            raise ReductionConfigError(
+                "a GMACs budget applies to one accuracy objective; for accuracy and GMACs "
+                "together use the multi-objective list without budget"
+            )
         return [_value(summary, k) for k in optimized_metric]
     value = _value(summary, optimized_metric)
     limit = gmacs_budget(summary, budget)
@@ -61,10 +67,10 @@ def check_objective(optimized_metric: Any, budget: Optional[Mapping[str, Any]]) 
     """Fail at start-up (before training) on a malformed objective setting."""
     if optimized_metric is not None and not isinstance(optimized_metric, str):
         if not all(isinstance(k, str) for k in optimized_metric) or len(optimized_metric) < 2:
-            raise ReductionConfigError(f"optimized_metric must be a summary.json key or a list of >= 2 keys, "
-                                       f"got {optimized_metric!r}")
+            raise ReductionConfigError(
+                f"optimized_metric must be a summary.json key or a list of >= 2 keys, got {optimized_metric!r}"
+            )
     for key in ("gmacs", "teacher_ratio", "penalty"):
         v = (budget or {}).get(key)
         if v is not None and float(v) < 0:
             raise ReductionConfigError(f"budget.{key} must be >= 0, got {v}")
-

@@ -24,6 +24,7 @@ counters, EMA weights in the module's state dict):
 - the module's once-per-run teacher accuracy (`teacher_val_top1`), so a resumed run does not validate
   and log the teacher again.
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,7 +48,7 @@ def _samplers(trainer: Trainer) -> list:
     """The ResumableSamplers of the running training loaders."""
     loader = getattr(trainer.fit_loop, "_combined_loader", None)
     found = []
-    for dl in (loader.flattened if loader is not None else []):
+    for dl in loader.flattened if loader is not None else []:
         for s in (getattr(dl, "sampler", None), getattr(getattr(dl, "batch_sampler", None), "sampler", None)):
             if isinstance(s, ResumableSampler) and s not in found:
                 found.append(s)
@@ -106,8 +107,11 @@ class ExactResume(Callback):
         # Resumed at an epoch's end, Lightning (2.6) goes on to the next epoch with the iterator it
         # restored (at the finished epoch's end) instead of starting a new one: start it here, after
         # set_epoch (once per resumed process; a second iter() where Lightning makes one too is harmless).
-        if self._resumed and not self._epoch_started and any(
-                s._epoch_of_position != s.epoch for s in _samplers(trainer)):
+        if (
+            self._resumed
+            and not self._epoch_started
+            and any(s._epoch_of_position != s.epoch for s in _samplers(trainer))
+        ):
             iter(trainer.fit_loop._data_fetcher)
         self._epoch_started = True
 
@@ -119,8 +123,9 @@ class ExactResume(Callback):
                 self._rewind_loggers(trainer)
         seed_global_rngs(derive_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx), cuda=True)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending_results:
             self._merge_results(trainer, create=False)
 
@@ -163,11 +168,21 @@ class ExactResume(Callback):
         batch, epoch = loop.batch_progress.current, fit.epoch_progress.current
         in_batch_end = batch.processed == batch.completed + 1 and conn._first_loop_iter is not None
         if in_batch_end and not fit._should_accumulate() and (conn.should_update_logs or trainer.fast_dev_run):
-            rows.append({**{k: float(v) for k, v in conn.metrics["log"].items()},
-                         "epoch": trainer.current_epoch, "step": loop._batches_that_stepped})
+            rows.append(
+                {
+                    **{k: float(v) for k, v in conn.metrics["log"].items()},
+                    "epoch": trainer.current_epoch,
+                    "step": loop._batches_that_stepped,
+                }
+            )
         if epoch.processed == epoch.completed + 1 and conn._first_loop_iter is None:
-            rows.append({**{k: float(v) for k, v in conn.metrics["log"].items()},
-                         "epoch": trainer.current_epoch, "step": loop._batches_that_stepped - 1})
+            rows.append(
+                {
+                    **{k: float(v) for k, v in conn.metrics["log"].items()},
+                    "epoch": trainer.current_epoch,
+                    "step": loop._batches_that_stepped - 1,
+                }
+            )
         return [r for r in rows if len(r) > 2]
 
     def _rewind_loggers(self, trainer: Trainer) -> None:
@@ -189,16 +204,28 @@ class ExactResume(Callback):
             if not m.is_tensor or not m.meta.on_epoch or reduce is None:
                 continue
             meta = m.meta
-            out.append({
-                "key": key, "fx": meta.fx, "name": meta.name, "prog_bar": meta.prog_bar, "logger": meta.logger,
-                "on_step": meta.on_step, "on_epoch": meta.on_epoch, "reduce": reduce,
-                "enable_graph": meta.enable_graph, "add_dataloader_idx": meta.add_dataloader_idx,
-                "dataloader_idx": meta.dataloader_idx, "metric_attribute": meta.metric_attribute,
-                "sync_dist": bool(meta.sync.should), "rank_zero_only": bool(meta.sync.rank_zero_only),
-                "value": m.value.detach().cpu().clone(),
-                "cumulated_batch_size": (m.cumulated_batch_size.detach().cpu().clone()
-                                         if reduce == "mean" else None),
-            })
+            out.append(
+                {
+                    "key": key,
+                    "fx": meta.fx,
+                    "name": meta.name,
+                    "prog_bar": meta.prog_bar,
+                    "logger": meta.logger,
+                    "on_step": meta.on_step,
+                    "on_epoch": meta.on_epoch,
+                    "reduce": reduce,
+                    "enable_graph": meta.enable_graph,
+                    "add_dataloader_idx": meta.add_dataloader_idx,
+                    "dataloader_idx": meta.dataloader_idx,
+                    "metric_attribute": meta.metric_attribute,
+                    "sync_dist": bool(meta.sync.should),
+                    "rank_zero_only": bool(meta.sync.rank_zero_only),
+                    "value": m.value.detach().cpu().clone(),
+                    "cumulated_batch_size": (
+                        m.cumulated_batch_size.detach().cpu().clone() if reduce == "mean" else None
+                    ),
+                }
+            )
         return out
 
     def _merge_results(self, trainer: Trainer, create: bool) -> None:
@@ -212,13 +239,22 @@ class ExactResume(Callback):
                 if not create:
                     left.append(saved)
                     continue
-                meta = _Metadata(fx=saved["fx"], name=saved["name"], prog_bar=saved["prog_bar"], logger=saved["logger"],
-                                 on_step=saved["on_step"], on_epoch=saved["on_epoch"],
-                                 reduce_fx=_REDUCE[saved["reduce"]], enable_graph=saved["enable_graph"],
-                                 add_dataloader_idx=saved["add_dataloader_idx"],
-                                 dataloader_idx=saved["dataloader_idx"], metric_attribute=saved["metric_attribute"])
-                meta.sync = _Sync(_should=saved["sync_dist"], fn=trainer.strategy.reduce,
-                                  rank_zero_only=saved["rank_zero_only"])
+                meta = _Metadata(
+                    fx=saved["fx"],
+                    name=saved["name"],
+                    prog_bar=saved["prog_bar"],
+                    logger=saved["logger"],
+                    on_step=saved["on_step"],
+                    on_epoch=saved["on_epoch"],
+                    reduce_fx=_REDUCE[saved["reduce"]],
+                    enable_graph=saved["enable_graph"],
+                    add_dataloader_idx=saved["add_dataloader_idx"],
+                    dataloader_idx=saved["dataloader_idx"],
+                    metric_attribute=saved["metric_attribute"],
+                )
+                meta.sync = _Sync(
+                    _should=saved["sync_dist"], fn=trainer.strategy.reduce, rank_zero_only=saved["rank_zero_only"]
+                )
                 m = _ResultMetric(meta, is_tensor=True)
                 m.to(trainer.strategy.root_device)
                 results[saved["key"]] = m
@@ -295,8 +331,11 @@ class _ResumableWriter(ExperimentWriter):
         dropped = len(self.previous_rows) - len([r for r in self.previous_rows if _step_of(r) < boundary])
         self.previous_rows, self.own_rows = kept, own
         self._write_all(kept + own)
-        log.info("metrics.csv rewound to step %d for the resumed run (%d later rows of the interrupted run dropped)",
-                 boundary, dropped)
+        log.info(
+            "metrics.csv rewound to step %d for the resumed run (%d later rows of the interrupted run dropped)",
+            boundary,
+            dropped,
+        )
 
 
 class ResumableCSVLogger(CSVLogger):

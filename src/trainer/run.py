@@ -13,6 +13,7 @@ handlers by conf/hydra/default.yaml), warnings nobody can act on silenced by mes
 (`quiet_third_party`), Lightning's model summary replaced by one line with our counted GMACs, and at
 the end a small table: teacher vs student top-1, GMACs and images/s, and the run folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -108,16 +109,24 @@ class PhaseProgress(Callback):
         done, total = trainer.current_epoch + 1, int(trainer.max_epochs or 0)
         per_epoch = (time.monotonic() - self._start) / max(1, done - self._first_epoch)
         top1, loss = trainer.callback_metrics.get("val/top1"), trainer.callback_metrics.get("train/loss_epoch")
-        log.info("%s: epoch %d/%d%s%s, %s per epoch%s", self.what, done, total,
-                 f", train loss {float(loss):.3f}" if loss is not None else "",
-                 f", val top-1 {float(top1):.2f}%" if top1 is not None else "", _duration(per_epoch),
-                 f", about {_duration(per_epoch * (total - done))} left" if total > done else "")
+        log.info(
+            "%s: epoch %d/%d%s%s, %s per epoch%s",
+            self.what,
+            done,
+            total,
+            f", train loss {float(loss):.3f}" if loss is not None else "",
+            f", val top-1 {float(top1):.2f}%" if top1 is not None else "",
+            _duration(per_epoch),
+            f", about {_duration(per_epoch * (total - done))} left" if total > done else "",
+        )
 
 
 # --- pieces ----------------------------------------------------------------------------------------
 def plain(node: Any) -> Any:
     """A resolved plain container (dict / list) of a config node; None stays None."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+    return (
+        OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+    )
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -136,8 +145,9 @@ def check_config(cfg: DictConfig) -> None:
     """Build the model without weights and apply the method to it, so bad sizes or method
     parameters fail here, before weights are downloaded or a quickstart teacher is trained; then
     check what the callbacks and loggers need of that model (`check_callbacks`)."""
-    skeleton, _ = build_model(plain(cfg.model), cfg.method.name, plain(cfg.method.get("params")),
-                              plain(cfg.get("schedule")), weights=False)
+    skeleton, _ = build_model(
+        plain(cfg.model), cfg.method.name, plain(cfg.method.get("params")), plain(cfg.get("schedule")), weights=False
+    )
     freeze_parameters(skeleton, (plain(cfg.get("optim")) or {}).get("frozen_params") or [])
     check_callbacks(cfg, skeleton)
 
@@ -166,14 +176,25 @@ def check_callbacks(cfg: DictConfig, model: torch.nn.Module) -> None:
 def build_module(cfg: DictConfig, checkpoint: Optional[str] = None) -> ReductionModule:
     """The LightningModule of `cfg`: the student from build_model (bare model -> method -> weights of
     `checkpoint` or model.checkpoint), the teacher its unreduced copy."""
-    student, _ = build_model(plain(cfg.model), cfg.method.name, plain(cfg.method.get("params")),
-                             plain(cfg.get("schedule")), checkpoint=checkpoint)
+    student, _ = build_model(
+        plain(cfg.model),
+        cfg.method.name,
+        plain(cfg.method.get("params")),
+        plain(cfg.get("schedule")),
+        checkpoint=checkpoint,
+    )
     return ReductionModule(
-        student, num_classes=int(cfg.model.num_classes),
-        optim=plain(cfg.get("optim")), distill=plain(cfg.get("distill")), ema=plain(cfg.get("ema")),
-        mixup=plain(cfg.data.get("mixup")), batch_size=int(cfg.data.batch_size),
+        student,
+        num_classes=int(cfg.model.num_classes),
+        optim=plain(cfg.get("optim")),
+        distill=plain(cfg.get("distill")),
+        ema=plain(cfg.get("ema")),
+        mixup=plain(cfg.data.get("mixup")),
+        batch_size=int(cfg.data.batch_size),
         # recorded in the checkpoint (hyper_parameters): which model, method and settings it holds
-        model=plain(cfg.model), method_config=plain(cfg.method), schedule=plain(cfg.get("schedule")),
+        model=plain(cfg.model),
+        method_config=plain(cfg.method),
+        schedule=plain(cfg.get("schedule")),
     )
 
 
@@ -199,13 +220,18 @@ def compile_models(module: ReductionModule, cfg: DictConfig) -> None:
     backend = str(ccfg.get("backend") or "inductor")
     for model in (module.student, module.teacher):
         compile_model(model, mode=ccfg.get("mode"), backend=backend)
-    log.info("torch.compile: student and teacher compiled (backend %s, mode %s); the first steps of training "
-             "and validation compile their graphs", backend, ccfg.get("mode") or "default")
+    log.info(
+        "torch.compile: student and teacher compiled (backend %s, mode %s); the first steps of training "
+        "and validation compile their graphs",
+        backend,
+        ccfg.get("mode") or "default",
+    )
 
 
 def build_callbacks(cfg: DictConfig) -> List[Any]:
-    callbacks = [hydra.utils.instantiate(c) for _, c in (cfg.get("callbacks") or {}).items()
-                 if c is not None and "_target_" in c]
+    callbacks = [
+        hydra.utils.instantiate(c) for _, c in (cfg.get("callbacks") or {}).items() if c is not None and "_target_" in c
+    ]
     tokens = token_images_callback(plain(cfg.get("logger")))  # logger=wandb: token pictures
     return callbacks + ([tokens] if tokens is not None else [])
 
@@ -237,14 +263,21 @@ def profile(module: ReductionModule, cfg: DictConfig) -> Dict[str, float]:
     student, teacher = module.student, module.teacher
     student_gmacs, student_side_gmacs = count_gmacs_split(student, img, chans)
     out = {
-        "student_gmacs": student_gmacs, "student_side_gmacs": student_side_gmacs,  # side: see profile.py
+        "student_gmacs": student_gmacs,
+        "student_side_gmacs": student_side_gmacs,  # side: see profile.py
         "teacher_gmacs": count_gmacs(teacher, img, chans),
-        "student_params": float(count_params(student)), "teacher_params": float(count_params(teacher)),
+        "student_params": float(count_params(student)),
+        "teacher_params": float(count_params(teacher)),
     }
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    log.info("Student %s: %s parameters (%s trainable), %.4g GMACs counted; teacher (frozen, unreduced): "
-             "%.4g GMACs", describe_method(student), _count(out["student_params"]), _count(trainable),
-             student_gmacs, out["teacher_gmacs"])
+    log.info(
+        "Student %s: %s parameters (%s trainable), %.4g GMACs counted; teacher (frozen, unreduced): %.4g GMACs",
+        describe_method(student),
+        _count(out["student_params"]),
+        _count(trainable),
+        student_gmacs,
+        out["teacher_gmacs"],
+    )
     originals = {n: next(m.parameters()).device for n, m in (("student", student), ("teacher", teacher))}
     try:
         student.to(device), teacher.to(device)
@@ -260,12 +293,27 @@ def profile(module: ReductionModule, cfg: DictConfig) -> Dict[str, float]:
             per_batch = time.perf_counter() - start
             teacher.train(was_training)
         ratio = student_gmacs / max(out["teacher_gmacs"], 1e-12)
-        log.info("Timing student and teacher side by side on %s: %d alternating rounds of %d batches of %d "
-                 "images after %d warm-up batches, about %s", device, rounds, iters, batch, warmup,
-                 _duration(per_batch * (1 + ratio) * (warmup + rounds * iters)))
-        tp = measure_throughput({"student": student, "teacher": teacher}, batch_size=batch, img_size=img,
-                                in_chans=chans, device=device, precision=str(cfg.trainer.get("precision", "32")),
-                                warmup=warmup, iters=iters, rounds=rounds)
+        log.info(
+            "Timing student and teacher side by side on %s: %d alternating rounds of %d batches of %d "
+            "images after %d warm-up batches, about %s",
+            device,
+            rounds,
+            iters,
+            batch,
+            warmup,
+            _duration(per_batch * (1 + ratio) * (warmup + rounds * iters)),
+        )
+        tp = measure_throughput(
+            {"student": student, "teacher": teacher},
+            batch_size=batch,
+            img_size=img,
+            in_chans=chans,
+            device=device,
+            precision=str(cfg.trainer.get("precision", "32")),
+            warmup=warmup,
+            iters=iters,
+            rounds=rounds,
+        )
     finally:
         student.to(originals["student"]), teacher.to(originals["teacher"])
     out.update(student_throughput=tp["student"], teacher_throughput=tp["teacher"])
@@ -291,9 +339,11 @@ def describe_architecture(model: torch.nn.Module) -> str:
         pe = model.patch_embed
         (h, w), (ph, pw), grid = pe.img_size, pe.patch_size, pe.grid_size
         prefix = int(getattr(model, "num_prefix_tokens", 0))
-        return (f"ViT {h}x{w}x{pe.proj.in_channels} input, {ph}x{pw} patches -> {grid[0] * grid[1]} tokens"
-                f"{f' + {prefix} prefix' if prefix else ''}, width {model.embed_dim}, {len(model.blocks)} blocks, "
-                f"{model.blocks[0].attn.num_heads} heads, {params} parameters")
+        return (
+            f"ViT {h}x{w}x{pe.proj.in_channels} input, {ph}x{pw} patches -> {grid[0] * grid[1]} tokens"
+            f"{f' + {prefix} prefix' if prefix else ''}, width {model.embed_dim}, {len(model.blocks)} blocks, "
+            f"{model.blocks[0].attn.num_heads} heads, {params} parameters"
+        )
     except (AttributeError, TypeError, IndexError, ValueError):
         return f"{type(model).__name__}, {params} parameters"
 
@@ -303,8 +353,11 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
     """Where the unreduced model trained for this model + data + bootstrap config is cached."""
     keyed = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "data": {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-                 if k not in ("num_workers", "eval_batch_size")},
+        "data": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in ("num_workers", "eval_batch_size")
+        },
         "seed": cfg.seed,
     }
     for key in ("checkpoint", "checkpoint_ema"):  # how a run loads weights does not change the teacher
@@ -337,15 +390,27 @@ def bootstrap_teacher(cfg: DictConfig) -> str:
         tcfg.optim.backbone_lr_scale = 1.0
         tcfg.paths.output_dir = str(Path(cfg.paths.output_dir) / "teacher")
         tcfg.trainer.default_root_dir = tcfg.paths.output_dir
-    log.info("Training the quickstart teacher (the unreduced model, %d epochs; a line per epoch says how long "
-             "it takes). It is cached at %s and reused by every later run with this model and data.",
-             boot.epochs, path)
+    log.info(
+        "Training the quickstart teacher (the unreduced model, %d epochs; a line per epoch says how long "
+        "it takes). It is cached at %s and reused by every later run with this model and data.",
+        boot.epochs,
+        path,
+    )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(tcfg)
     dm = build_datamodule(tcfg)
-    loggers = [hydra.utils.instantiate(OmegaConf.create({
-        "_target_": "lightning.pytorch.loggers.csv_logs.CSVLogger", "save_dir": tcfg.paths.output_dir,
-        "name": "csv", "version": ""}))]
+    loggers = [
+        hydra.utils.instantiate(
+            OmegaConf.create(
+                {
+                    "_target_": "lightning.pytorch.loggers.csv_logs.CSVLogger",
+                    "save_dir": tcfg.paths.output_dir,
+                    "name": "csv",
+                    "version": "",
+                }
+            )
+        )
+    ]
     trainer = build_trainer(tcfg, loggers, callbacks=[PhaseProgress("teacher")])
     trainer.fit(module, datamodule=dm)
     top1 = float(trainer.callback_metrics["val/top1"])
@@ -353,8 +418,11 @@ def bootstrap_teacher(cfg: DictConfig) -> str:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.student.state_dict().items()}, str(tmp),
-              metadata={"val_top1": f"{top1:.2f}", "epochs": str(boot.epochs)})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in module.student.state_dict().items()},
+        str(tmp),
+        metadata={"val_top1": f"{top1:.2f}", "epochs": str(boot.epochs)},
+    )
     os.replace(tmp, path)  # atomic: a crashed run never leaves a half-written teacher
     log.info("Quickstart teacher: val top-1 %.2f%%, saved to %s", top1, path)
     return str(path)
@@ -370,10 +438,17 @@ def _weights_source(cfg: DictConfig) -> Optional[str]:
     return None
 
 
-def summarise(cfg: DictConfig, module: ReductionModule, prof: Dict[str, Any], metrics: Dict[str, float],
-              best_ckpt: Optional[str], last_ckpt: Optional[str]) -> Dict[str, Any]:
+def summarise(
+    cfg: DictConfig,
+    module: ReductionModule,
+    prof: Dict[str, Any],
+    metrics: Dict[str, float],
+    best_ckpt: Optional[str],
+    last_ckpt: Optional[str],
+) -> Dict[str, Any]:
     summary = {
-        "model": cfg.model.name, "method": cfg.method.name,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
         # what the model is: the config's display name (the quickstart's model.name is only the timm
         # class it is built from) and the architecture read off the built model
         "model_display_name": cfg.model.get("display_name") or cfg.model.name,
@@ -381,12 +456,14 @@ def summarise(cfg: DictConfig, module: ReductionModule, prof: Dict[str, Any], me
         "method_params": describe_method(module.student),
         "train": bool(cfg.train),
         "teacher_val_top1": module.teacher_val_top1,
-        "student_val_top1": metrics.get("val/top1"), "student_val_top5": metrics.get("val/top5"),
+        "student_val_top1": metrics.get("val/top1"),
+        "student_val_top5": metrics.get("val/top5"),
         "ema_val_top1": metrics.get("val/ema_top1"),
         # the method's own metrics of the last epoch, e.g. DynamicViT's train/val keep ratios and targets
         **{k.replace("/", "_"): metrics[k] for k in sorted(module.method_metric_keys) if k in metrics},
         **prof,
-        "best_checkpoint": best_ckpt, "last_checkpoint": last_ckpt,
+        "best_checkpoint": best_ckpt,
+        "last_checkpoint": last_ckpt,
         "output_dir": str(cfg.paths.output_dir),
         "accuracy_unit": "percent",
     }
@@ -398,41 +475,63 @@ def summarise(cfg: DictConfig, module: ReductionModule, prof: Dict[str, Any], me
 def format_summary(s: Dict[str, Any]) -> str:
     """The run's result as a small table (teacher vs student: top-1, GMACs, images/s and their
     ratios) and where its files are."""
+
     def num(v, fmt, unit=""):
         return "n/a" if v is None else format(v, fmt) + unit
 
     t1, s1 = s.get("teacher_val_top1"), s.get("student_val_top1")
     profiled = s.get("student_gmacs") is not None and s.get("teacher_gmacs")
     rows = [("", "val top-1", "GMACs", "images/s")]
-    rows.append(("teacher (unreduced)", num(t1, ".2f", "%"),
-                 num(s.get("teacher_gmacs"), ".4g") if profiled else "n/a",
-                 num(s.get("teacher_throughput"), ",.0f") if profiled else "n/a"))
-    rows.append((f"student ({s['method']})", num(s1, ".2f", "%"),
-                 num(s.get("student_gmacs"), ".4g") if profiled else "n/a",
-                 num(s.get("student_throughput"), ",.0f") if profiled else "n/a"))
+    rows.append(
+        (
+            "teacher (unreduced)",
+            num(t1, ".2f", "%"),
+            num(s.get("teacher_gmacs"), ".4g") if profiled else "n/a",
+            num(s.get("teacher_throughput"), ",.0f") if profiled else "n/a",
+        )
+    )
+    rows.append(
+        (
+            f"student ({s['method']})",
+            num(s1, ".2f", "%"),
+            num(s.get("student_gmacs"), ".4g") if profiled else "n/a",
+            num(s.get("student_throughput"), ",.0f") if profiled else "n/a",
+        )
+    )
     if s.get("ema_val_top1") is not None:
         rows.append(("student EMA", num(s["ema_val_top1"], ".2f", "%"), "", ""))
-    rows.append(("student vs teacher",
-                 "n/a" if t1 is None or s1 is None else f"{s1 - t1:+.2f}",
-                 f"{s['student_gmacs'] / s['teacher_gmacs']:.2f}x" if profiled else "n/a",
-                 f"{s['student_throughput'] / s['teacher_throughput']:.2f}x"
-                 if profiled and s.get("teacher_throughput") else "n/a"))
+    rows.append(
+        (
+            "student vs teacher",
+            "n/a" if t1 is None or s1 is None else f"{s1 - t1:+.2f}",
+            f"{s['student_gmacs'] / s['teacher_gmacs']:.2f}x" if profiled else "n/a",
+            f"{s['student_throughput'] / s['teacher_throughput']:.2f}x"
+            if profiled and s.get("teacher_throughput")
+            else "n/a",
+        )
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    table = ["  " + "   ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
+    table = [
+        "  " + "   ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    ]
     out = [f"=== {s.get('model_display_name') or s['model']} + {s['method_params']} ==="]
     if s.get("architecture"):
         out.append(f"model: {s['architecture']}")
     out += table
     if profiled:
-        notes = [f"images/s measured side by side on {s.get('throughput_device', '?')}"
-                 + (f", batch {s['throughput_batch']:.0f}" if s.get("throughput_batch") else "")]
+        notes = [
+            f"images/s measured side by side on {s.get('throughput_device', '?')}"
+            + (f", batch {s['throughput_batch']:.0f}" if s.get("throughput_batch") else "")
+        ]
         if s.get("student_side_gmacs"):
             notes.append(f"student side work {s['student_side_gmacs']:.2g} GMACs not in the table (see README)")
         out.append("  (" + "; ".join(notes) + ")")
     folder = Path(str(s["output_dir"]))
-    out.append(f"run folder: {folder}   (summary.json, {s.get('task_log', 'the run log')}"
-               + (", checkpoints/" if s.get("last_checkpoint") else "") + ")")
+    out.append(
+        f"run folder: {folder}   (summary.json, {s.get('task_log', 'the run log')}"
+        + (", checkpoints/" if s.get("last_checkpoint") else "")
+        + ")"
+    )
     for key, what in (("best_checkpoint", "best"), ("last_checkpoint", "last")):
         if s.get(key):
             path = Path(s[key])
@@ -513,20 +612,30 @@ def _fit_and_summarise(cfg: DictConfig, module: ReductionModule, dm, loggers: Li
     for lg in loggers:
         lg.log_hyperparams(resolved)
     # profiled once, by the global rank 0 (the only one that writes the summary)
-    prof: Dict[str, Any] = profile(module, cfg) if cfg.get("profile", {}).get("enabled", True) and is_global_zero() else {}
+    prof: Dict[str, Any] = (
+        profile(module, cfg) if cfg.get("profile", {}).get("enabled", True) and is_global_zero() else {}
+    )
     for lg in loggers:
         lg.log_metrics({f"profile/{k}": v for k, v in prof.items() if isinstance(v, float)}, step=0)
     if prof:
-        log.info("Profile: teacher %.4g GMACs, %.0f images/s; student %.4g GMACs, %.0f images/s (%.2fx)",
-                 prof["teacher_gmacs"], prof["teacher_throughput"], prof["student_gmacs"],
-                 prof["student_throughput"], prof["student_throughput"] / prof["teacher_throughput"])
+        log.info(
+            "Profile: teacher %.4g GMACs, %.0f images/s; student %.4g GMACs, %.0f images/s (%.2fx)",
+            prof["teacher_gmacs"],
+            prof["teacher_throughput"],
+            prof["student_gmacs"],
+            prof["student_throughput"],
+            prof["student_throughput"] / prof["teacher_throughput"],
+        )
 
     callbacks = (build_callbacks(cfg) + [PhaseProgress("student")]) if cfg.train else []
     trainer = build_trainer(cfg, loggers, callbacks)
     best = last = None
     if cfg.train:
-        log.info("Finetuning the reduced student for %d epochs (%s)", int(cfg.trainer.max_epochs),
-                 f"distillation: {cfg.distill.type}" if cfg.get("distill") else "no distillation")
+        log.info(
+            "Finetuning the reduced student for %d epochs (%s)",
+            int(cfg.trainer.max_epochs),
+            f"distillation: {cfg.distill.type}" if cfg.get("distill") else "no distillation",
+        )
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None:
@@ -545,8 +654,14 @@ def _fit_and_summarise(cfg: DictConfig, module: ReductionModule, dm, loggers: Li
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for lg in loggers:
-        lg.log_metrics({f"summary/{k}": float(v) for k, v in summary.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=trainer.global_step)
+        lg.log_metrics(
+            {
+                f"summary/{k}": float(v)
+                for k, v in summary.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
+            step=trainer.global_step,
+        )
         if hasattr(lg, "finalize"):
             lg.finalize("success")
     return summary

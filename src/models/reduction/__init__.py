@@ -3,6 +3,7 @@
 Every module in this package that is not base/schedules is imported here, so a method registers
 itself just by existing: adding a method means adding one file (and one config).
 """
+
 import importlib
 import pkgutil
 
@@ -23,6 +24,13 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
-    "REGISTRY", "AttentionRequest", "AttentionResult", "ReductionConfigError", "ReductionMethod",
-    "TokenState", "apply_reduction", "register", "remove_reduction",
+    "REGISTRY",
+    "AttentionRequest",
+    "AttentionResult",
+    "ReductionConfigError",
+    "ReductionMethod",
+    "TokenState",
+    "apply_reduction",
+    "register",
+    "remove_reduction",
 ]

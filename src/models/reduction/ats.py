@@ -47,6 +47,7 @@ so a batch costs what its largest image costs (``count_gmacs`` runs one image: n
 attention is the explicit map (the eps softmax has no fused kernel), so it is slower per token than
 the fused attention of the unreduced model.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -149,8 +150,13 @@ class ATS(ReductionMethod):
     needs_class_token = True
     static_schedule = False
 
-    def __init__(self, model, blocks: Sequence[int | float] | None = None,
-                 num_tokens: None | int | Sequence[int] = None, drop_tokens: bool = True):
+    def __init__(
+        self,
+        model,
+        blocks: Sequence[int | float] | None = None,
+        num_tokens: None | int | Sequence[int] = None,
+        drop_tokens: bool = True,
+    ):
         self.depth = len(model.blocks)
         if blocks is None:
             first = resolve_block(0.25, self.depth, "ats first block")

@@ -19,6 +19,7 @@ The attention computes only what the method asked for: the fused
 ``F.scaled_dot_product_attention`` kernel whenever the full attention map is not needed (an extra
 softmax over the CLS query row for CLS-attention methods), the explicit map otherwise.
 """
+
 from __future__ import annotations
 
 import copy
@@ -125,7 +126,8 @@ def merge_rows(x: Tensor, flat: Tensor, out_len: int, mode: str = "sum") -> Tens
     rows = x.reshape(B * t, C)
     if mode == "amax":
         out = x.new_full((B * out_len, C), -float("inf")).scatter_reduce_(
-            0, flat[:, None].expand(-1, C), rows, reduce="amax")
+            0, flat[:, None].expand(-1, C), rows, reduce="amax"
+        )
         return out.view(B, out_len, C)
     out = x.new_zeros(B * out_len, C).index_add_(0, flat, rows)
     if mode == "mean":
@@ -225,12 +227,12 @@ HEADWISE_MIN_ELEMENTS = 1 << 18
 def _headwise(q: Tensor, v: Tensor) -> bool:
     """Per-head GEMMs for the explicit attention map (see `attention`): eager CPU inference only, large
     inputs, one dtype (no autocast: out= products are not autocast)."""
-    return (q.numel() >= HEADWISE_MIN_ELEMENTS and q.dtype == v.dtype
-            and not torch.is_autocast_enabled(q.device.type))
+    return q.numel() >= HEADWISE_MIN_ELEMENTS and q.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type)
 
 
-def attention(attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST,
-              state: Optional[TokenState] = None) -> AttentionResult:
+def attention(
+    attn: Attention, x: Tensor, req: AttentionRequest = NO_REQUEST, state: Optional[TokenState] = None
+) -> AttentionResult:
     """timm ``Attention.forward`` that also returns what `req` asks for. `state` (optional) lends its
     per-call buffer to a transient map."""
     B, N, _ = x.shape
@@ -311,7 +313,7 @@ def _attention_with_probs(attn: Attention, x: Tensor, req: AttentionRequest, gat
     B, N, _ = x.shape
     d = attn.num_heads * attn.head_dim
     w, b = attn.qkv.weight, attn.qkv.bias
-    v = F.linear(x, w[2 * d:], None if b is None else b[2 * d:])
+    v = F.linear(x, w[2 * d :], None if b is None else b[2 * d :])
     v = v.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
     full = attn.attn_drop(req.probs.to(v.dtype))
     if req.post_softmax is not None:
@@ -320,8 +322,13 @@ def _attention_with_probs(attn: Attention, x: Tensor, req: AttentionRequest, gat
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return AttentionResult(out=out, keys=None, attn=full if req.need == "map" else None,
-                           cls_attn=full[:, :, 0] if req.need in ("cls", "map") else None, values=v)
+    return AttentionResult(
+        out=out,
+        keys=None,
+        attn=full if req.need == "map" else None,
+        cls_attn=full[:, :, 0] if req.need in ("cls", "map") else None,
+        values=v,
+    )
 
 
 class ReductionMethod:
@@ -347,9 +354,7 @@ class ReductionMethod:
 
     def __init__(self, model: VisionTransformer, **params: Any):
         if params:
-            raise ReductionConfigError(
-                f"method '{self.name}' takes no parameters, got {sorted(params)}"
-            )
+            raise ReductionConfigError(f"method '{self.name}' takes no parameters, got {sorted(params)}")
         self.depth = len(model.blocks)
 
     # --- hooks -------------------------------------------------------------------------------
@@ -530,8 +535,9 @@ def _mlp_residual(block: Block, x: Tensor) -> Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def run_block(block: Block, state: TokenState, method: ReductionMethod, i: int,
-              grad_checkpoint: bool = False) -> TokenState:
+def run_block(
+    block: Block, state: TokenState, method: ReductionMethod, i: int, grad_checkpoint: bool = False
+) -> TokenState:
     """timm ``Block.forward`` with the method's hooks; keeps the block's own modules and names.
 
     With `grad_checkpoint` the attention and the MLP (the block's activations) are recomputed in
@@ -606,7 +612,10 @@ class _ReducedMixin:
         x = self.patch_drop(x)
         x = self.norm_pre(x)
         state = TokenState(
-            x=x, num_protected=self.num_prefix_tokens, grid_size=grid, training=self.training,
+            x=x,
+            num_protected=self.num_prefix_tokens,
+            grid_size=grid,
+            training=self.training,
             trace_source=getattr(self, "trace_source", False),
         )
         state.ensure_source()
@@ -631,7 +640,11 @@ class _ReducedMixin:
     def forward_head_state(self, state: TokenState, pre_logits: bool = False) -> Tensor:
         """``forward_head`` on a final state: average pooling weighs every token by its size (how many
         patches a merged token stands for), so a merged model pools like the unmerged one."""
-        if state.size is None or getattr(self, "attn_pool", None) is not None or self.global_pool not in ("avg", "avgmax"):
+        if (
+            state.size is None
+            or getattr(self, "attn_pool", None) is not None
+            or self.global_pool not in ("avg", "avgmax")
+        ):
             return self.forward_head(state.x, pre_logits=pre_logits)
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         x, size = state.x[:, start:], state.size[:, start:].to(state.x.dtype)
@@ -650,9 +663,17 @@ class _ReducedMixin:
         return self.forward_tokens(x).x
 
     def forward_intermediates(
-        self, x: Tensor, indices=None, return_prefix_tokens: bool = False, norm: bool = False,
-        stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
-        output_dict: bool = False, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+        self,
+        x: Tensor,
+        indices=None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
     ):
         """timm's ``forward_intermediates`` on the reduced model. Tokens (NLC) of any block; a spatial
         (NCHW) map only of blocks whose patch tokens still fill the grid, else a clear error."""
@@ -709,8 +730,12 @@ def _reduced_class(cls: type) -> type:
 def check_model(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         kind = type(model).__name__
-        hint = (" timm's Eva (EVA-02) applies rotary position embeddings inside attention, which would have "
-                "to follow every kept, merged or dropped token; it is not supported yet." if kind == "Eva" else "")
+        hint = (
+            " timm's Eva (EVA-02) applies rotary position embeddings inside attention, which would have "
+            "to follow every kept, merged or dropped token; it is not supported yet."
+            if kind == "Eva"
+            else ""
+        )
         raise ReductionConfigError(
             f"token reduction patches timm VisionTransformer models (DeiT, ViT AugReg, DeiT-III, CLIP, SigLIP, "
             f"DINOv2, MAE, ...); got {kind}.{hint}"
@@ -718,7 +743,9 @@ def check_model(model: nn.Module) -> None:
     for i, block in enumerate(model.blocks):
         attn = getattr(block, "attn", None)
         if type(block) is not Block or not isinstance(attn, Attention):
-            inside = f" with {type(attn).__name__}" if attn is not None else " (no .attn: parallel attention/MLP branches)"
+            inside = (
+                f" with {type(attn).__name__}" if attn is not None else " (no .attn: parallel attention/MLP branches)"
+            )
             raise ReductionConfigError(
                 f"block {i} is a {type(block).__name__}{inside}; only timm's pre-norm Block with Attention "
                 "is supported (DeiT, DeiT-III, ViT AugReg, CLIP, SigLIP, DINOv2, ...)"
@@ -743,9 +770,7 @@ def apply_reduction(
     """
     check_model(model)
     if method not in REGISTRY:
-        raise ReductionConfigError(
-            f"unknown reduction method '{method}'; available: {', '.join(sorted(REGISTRY))}"
-        )
+        raise ReductionConfigError(f"unknown reduction method '{method}'; available: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[method]
     if cls.needs_class_token and model.cls_token is None:
         raise ReductionConfigError(
@@ -755,9 +780,7 @@ def apply_reduction(
     accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "model")]
     unknown = sorted(set(params) - set(accepted))
     if unknown and cls is not ReductionMethod:
-        raise ReductionConfigError(
-            f"method '{method}' does not take {unknown}; its parameters are {accepted}"
-        )
+        raise ReductionConfigError(f"method '{method}' does not take {unknown}; its parameters are {accepted}")
     held = {n: getattr(model, n) for n in cls.module_names if isinstance(getattr(model, n, None), nn.Module)}
     try:
         impl = cls(model, **params)

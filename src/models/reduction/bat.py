@@ -22,6 +22,7 @@ Default ``cluster_ratio`` / ``pair_ratio`` (the paper's values are not public): 
 ``cluster_ratio`` interpolated from a table calibrated so that counted GMACs of DeiT-S match the
 published compute at the published keep rates (see ``DEFAULT_CLUSTER_RATIO``).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 
 from .base import (
     QUARTER_POINTS,
-    KeepRateMethod,
     AttentionResult,
+    KeepRateMethod,
     ReductionConfigError,
     TokenState,
     check_fraction,
@@ -75,7 +76,9 @@ def default_cluster_ratio(keep_rate: float) -> float:
     return pts[-1][1]
 
 
-def bat_counts(num_candidates: int, keep_rate: float, cluster_ratio: float, pair_ratio: float) -> Tuple[int, int, int, int]:
+def bat_counts(
+    num_candidates: int, keep_rate: float, cluster_ratio: float, pair_ratio: float
+) -> Tuple[int, int, int, int]:
     """(attentive K, inattentive I, clusters, pairs) at a location with `num_candidates` tokens."""
     k = keep_count(keep_rate, num_candidates)
     i = num_candidates - k
@@ -90,7 +93,7 @@ def dpc_knn_assign(x: Tensor, num_clusters: int, k: int) -> Tensor:
     B, n, C = x.shape
     dist = pairwise_distances(x) / math.sqrt(C)
     knn = dist.topk(min(k, n), dim=-1, largest=False).values  # includes the token itself (distance 0)
-    density = (-(knn ** 2).mean(dim=-1)).exp()
+    density = (-(knn**2).mean(dim=-1)).exp()
     # [b, i, j]: token j is denser than token i. Exact ties (duplicate tokens) go to the earlier token,
     # a deterministic stand-in for the reference's random noise: without it, every tied token would be
     # a density peak and the centres would be picked among duplicates.
@@ -178,8 +181,9 @@ class BAT(KeepRateMethod):
             )
             for loc, k in self.rate_at.items()
         }
-        self.expected_tokens = self.token_counts(model.patch_embed.num_patches + model.num_prefix_tokens,
-                                                 model.num_prefix_tokens)
+        self.expected_tokens = self.token_counts(
+            model.patch_embed.num_patches + model.num_prefix_tokens, model.num_prefix_tokens
+        )
 
     def token_counts(self, num_tokens: int, num_protected: int) -> List[int]:
         """Tokens leaving every block for an input of `num_tokens` tokens (what forward will produce)."""
@@ -228,10 +232,12 @@ class BAT(KeepRateMethod):
             dest = torch.cat([torch.arange(p, device=dest.device).expand(B, p), dest], dim=1)
             weight = torch.cat([weight.new_ones(B, p), weight], dim=1)
         state.x, state.size, state.source = weighted_merge(
-            state.x, weight.unsqueeze(-1).to(state.x.dtype), state.size, state.source, dest,
-            p + k - pairs + clusters)
+            state.x, weight.unsqueeze(-1).to(state.x.dtype), state.size, state.source, dest, p + k - pairs + clusters
+        )
         return state
 
     def extra_repr(self) -> str:
-        return (f"keep_rate={self.keep_rates}, locations={self.locations}, "
-                f"cluster/pair ratios={ {i: v[1:] for i, v in self.plan.items()} }, knn={self.knn}")
+        return (
+            f"keep_rate={self.keep_rates}, locations={self.locations}, "
+            f"cluster/pair ratios={ {i: v[1:] for i, v in self.plan.items()} }, knn={self.knn}"
+        )

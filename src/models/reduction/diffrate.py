@@ -49,6 +49,7 @@ as configured), and the search is a Python API (no config entry point).
 The cosine matching is run inside ``profile.side_work()``: the reference's FLOP count (and the golden
 manifest's) leaves it out, so the headline GMACs are the paper's.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,7 @@ Tensor = torch.Tensor
 Count = int | float
 
 
-def parse_kept(value: Sequence[Count] | None, what: str, depth: int, num_patches: int,
-               num_protected: int) -> list[int]:
+def parse_kept(value: Sequence[Count] | None, what: str, depth: int, num_patches: int, num_protected: int) -> list[int]:
     """One kept-token count per block (prefix tokens included) from a list of ints, or of floats in
     (0, 1] (fractions of the patch tokens). None: keep every token in every block."""
     total = num_patches + num_protected
@@ -140,8 +140,9 @@ class DiffRate(ReductionMethod):
     name = "diffrate"
     needs_class_token = True
 
-    def __init__(self, model, prune_kept_num: Sequence[Count] | None = None,
-                 merge_kept_num: Sequence[Count] | None = None):
+    def __init__(
+        self, model, prune_kept_num: Sequence[Count] | None = None, merge_kept_num: Sequence[Count] | None = None
+    ):
         self.depth = len(model.blocks)
         p, patches = model.num_prefix_tokens, model.patch_embed.num_patches
         self.prune_kept_num = parse_kept(prune_kept_num, "prune_kept_num", self.depth, patches, p)
@@ -250,8 +251,11 @@ def search_forward(model, rates: RateSearch, x: Tensor) -> tuple[Tensor, Tensor]
     flops = t.new_zeros(())
     for i, blk in enumerate(model.blocks):
         policy = mask[..., None]
-        req = AttentionRequest(need="cls", bias=size.log()[:, None, None, :, 0],
-                               softmax=lambda logits, policy=policy: masked_softmax(logits, policy, False))
+        req = AttentionRequest(
+            need="cls",
+            bias=size.log()[:, None, None, :, 0],
+            softmax=lambda logits, policy=policy: masked_softmax(logits, policy, False),
+        )
         res = attention(blk.attn, blk.norm1(t), req)
         t = t + blk.drop_path1(blk.ls1(res.out))
         order = res.cls_attn[:, :, p:].mean(dim=1).argsort(dim=1, descending=True) + p
@@ -286,9 +290,17 @@ def search_forward(model, rates: RateSearch, x: Tensor) -> tuple[Tensor, Tensor]
     return model.forward_head(model.norm(t)), flops / 1e9
 
 
-def search_kept_numbers(model, batches, target_gmacs: float, epochs: int = 3, lr: float = 0.01,
-                        min_lr: float = 0.001, flops_weight: float = 5.0, label_smoothing: float = 0.1,
-                        rates: RateSearch | None = None) -> tuple[list[int], list[int]]:
+def search_kept_numbers(
+    model,
+    batches,
+    target_gmacs: float,
+    epochs: int = 3,
+    lr: float = 0.01,
+    min_lr: float = 0.001,
+    flops_weight: float = 5.0,
+    label_smoothing: float = 0.1,
+    rates: RateSearch | None = None,
+) -> tuple[list[int], list[int]]:
     """DiffRate's search: train only the per-block rate distributions (backbone frozen, in eval mode)
     on `batches` of (images, labels) for `epochs` passes with AdamW (no weight decay, cosine lr from
     `lr` to `min_lr` per epoch) on cross-entropy + flops_weight * (GMACs - target)^2, the reference's

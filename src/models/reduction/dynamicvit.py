@@ -28,6 +28,7 @@ Deviations from the reference, all invisible where the reference's outputs are f
   where the reference knows only CLS. The head must read the class token (global_pool='token'),
   because in training the dropped tokens are still present and would enter an average pool.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .base import (
-    QUARTER_POINTS,
     NO_REQUEST,
+    QUARTER_POINTS,
     AttentionRequest,
     ReductionConfigError,
     ReductionMethod,
@@ -60,9 +61,12 @@ class PredictorLG(nn.Module):
         super().__init__()
         self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
         self.out_conv = nn.Sequential(
-            nn.Linear(embed_dim, embed_dim // 2), nn.GELU(),
-            nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
-            nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1),
+            nn.Linear(embed_dim, embed_dim // 2),
+            nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4),
+            nn.GELU(),
+            nn.Linear(embed_dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
         )
         for m in self.modules():  # the reference model's own init
             if isinstance(m, nn.Linear):
@@ -76,13 +80,13 @@ class PredictorLG(nn.Module):
         B, M, C = x.shape
         local = x[..., : C // 2]
         if prev is None:  # all kept: the same sum over all tokens divided by the same count, M
-            glob = x[..., C // 2:].sum(dim=1, keepdim=True) / float(M)
+            glob = x[..., C // 2 :].sum(dim=1, keepdim=True) / float(M)
         else:
             # mean of the global half over the tokens still kept. The decisions are hard 0/1, so the count
             # is 0 or >= 1: the guard only changes the reference's 0/0 = NaN for an image whose tokens were
             # all dropped (likely with few patches or low keep rates) into a zero global feature.
             count = prev.sum(dim=1, keepdim=True).clamp_min(1e-6)
-            glob = (x[..., C // 2:] * prev).sum(dim=1, keepdim=True) / count
+            glob = (x[..., C // 2 :] * prev).sum(dim=1, keepdim=True) / count
         return self.out_conv(torch.cat([local, glob.expand(B, M, C // 2)], dim=-1))
 
 
@@ -123,8 +127,11 @@ class DynamicViT(ReductionMethod):
             raise ReductionConfigError(f"dynamicvit keep_rate must be a number in (0, 1], got {keep_rate!r}")
         self.keep_rate = float(keep_rate)
         self.locations = self._check_locations(locations)
-        for what, w in (("ratio_weight", ratio_weight), ("distill_weight", distill_weight),
-                        ("token_distill_weight", token_distill_weight)):
+        for what, w in (
+            ("ratio_weight", ratio_weight),
+            ("distill_weight", distill_weight),
+            ("token_distill_weight", token_distill_weight),
+        ):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                 raise ReductionConfigError(f"dynamicvit {what} must be a number >= 0, got {w!r}")
         self.ratio_weight = float(ratio_weight)
@@ -170,8 +177,11 @@ class DynamicViT(ReductionMethod):
         method is re-applied with another keep rate)."""
         dim = model.embed_dim
         old = getattr(model, "score_predictor", None)
-        if (isinstance(old, nn.ModuleList) and len(old) == len(self.locations)
-                and all(isinstance(p, PredictorLG) and p.in_conv[1].in_features == dim for p in old)):
+        if (
+            isinstance(old, nn.ModuleList)
+            and len(old) == len(self.locations)
+            and all(isinstance(p, PredictorLG) and p.in_conv[1].in_features == dim for p in old)
+        ):
             return
         ref = model.cls_token
         model.score_predictor = nn.ModuleList(PredictorLG(dim) for _ in self.locations).to(
@@ -254,12 +264,14 @@ class DynamicViT(ReductionMethod):
         out = {"ratio": self.ratio_weight * self.ratio_loss(ex["decisions"]) / len(self.locations)}
         # KL(teacher || student) of the class distributions, T = 1, batch mean
         out["cls_distill"] = self.distill_weight * F.kl_div(
-            F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
-            reduction="batchmean", log_target=True,
+            F.log_softmax(logits, dim=-1),
+            F.log_softmax(teacher_logits, dim=-1),
+            reduction="batchmean",
+            log_target=True,
         )
         # MSE of the finally kept patch tokens against the teacher's tokens at the same positions
         p = state.num_protected
-        tokens, teacher_tokens = state.x[:, p:], teacher_state.x[:, teacher_state.num_protected:]
+        tokens, teacher_tokens = state.x[:, p:], teacher_state.x[:, teacher_state.num_protected :]
         if tokens.shape != teacher_tokens.shape:
             raise ValueError(
                 f"dynamicvit token distillation needs the teacher's tokens in the student's layout: student "
@@ -286,5 +298,7 @@ class DynamicViT(ReductionMethod):
         return out
 
     def extra_repr(self) -> str:
-        return (f"keep_rate={self.keep_rate}, locations={self.locations}, ratio_weight={self.ratio_weight}, "
-                f"distill_weight={self.distill_weight}, token_distill_weight={self.token_distill_weight}")
+        return (
+            f"keep_rate={self.keep_rate}, locations={self.locations}, ratio_weight={self.ratio_weight}, "
+            f"distill_weight={self.distill_weight}, token_distill_weight={self.token_distill_weight}"
+        )

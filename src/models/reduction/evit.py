@@ -19,6 +19,7 @@ Extensions beyond the reference, documented here:
   the fused SDPA kernel. The CLS row is therefore taken before attention dropout (identical in eval
   and whenever ``attn_drop`` is 0, as for every DeiT/ViT checkpoint).
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Union
@@ -27,14 +28,16 @@ import torch
 
 from .base import (
     QUARTER_POINTS,
-    KeepRateMethod,
     AttentionResult,
+    KeepRateMethod,
     ReductionConfigError,
     TokenState,
     register,
 )
 
 Tensor = torch.Tensor
+
+
 @register
 class EViT(KeepRateMethod):
     name = "evit"

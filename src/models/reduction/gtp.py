@@ -35,6 +35,7 @@ Deviations from the reference, on purpose:
   CLS token).
 - The reference's ``Random`` selection is not provided (unseeded randomness).
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,15 +46,15 @@ import torch
 
 from ..profile import side_work
 from .base import (
+    NO_REQUEST,
     AttentionRequest,
     AttentionResult,
-    NO_REQUEST,
     ReductionConfigError,
     ReductionMethod,
     TokenState,
     register,
-    take_rows,
     resolve_r,
+    take_rows,
 )
 from .tome import check_total_removal
 
@@ -144,8 +145,11 @@ def biased_softmax(bias: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
     spares two B x H x N x N allocations per block, which dominate GTP's overhead on CPU."""
 
     def softmax(logits: Tensor) -> Tensor:
-        in_place = not logits.requires_grad and logits.dtype in (torch.float32, torch.float64) and (
-            bias is None or bias.dtype == logits.dtype)
+        in_place = (
+            not logits.requires_grad
+            and logits.dtype in (torch.float32, torch.float64)
+            and (bias is None or bias.dtype == logits.dtype)
+        )
         if not in_place:  # training, or autocast (the reference promotes the biased logits to fp32)
             return (logits if bias is None else logits + bias).softmax(dim=-1)
         if bias is not None:
@@ -159,7 +163,7 @@ def _propagate(ranked: Tensor, w_prop: Tensor, p: int, r: int, alpha: float) -> 
     """ranked (B, N, D) = [protected, kept, propagated (last r)] -> [protected, kept + alpha * W_prop @
     propagated] (B, N - r, D), the product added to the kept tokens inside one batched GEMM."""
     N = ranked.shape[1]
-    kept = torch.baddbmm(ranked[:, p: N - r], w_prop.to(ranked.dtype), ranked[:, N - r:], alpha=alpha)
+    kept = torch.baddbmm(ranked[:, p : N - r], w_prop.to(ranked.dtype), ranked[:, N - r :], alpha=alpha)
     return torch.cat([ranked[:, :p], kept], dim=1) if p else kept
 
 
@@ -175,9 +179,7 @@ def parse_gtp_r(depth: int, r, num_patches: int) -> List[int]:
         out = [r] * depth
     elif isinstance(r, Sequence) and not isinstance(r, str):
         if len(r) != depth or any(isinstance(v, bool) or not isinstance(v, int) for v in r):
-            raise ReductionConfigError(
-                f"GTP r as a list needs one int per block ({depth} blocks), got {list(r)!r}"
-            )
+            raise ReductionConfigError(f"GTP r as a list needs one int per block ({depth} blocks), got {list(r)!r}")
         out = list(r)
     else:
         raise ReductionConfigError(f"GTP r must be an int or a per-block list, got {r!r}")
@@ -212,8 +214,11 @@ class GTP(ReductionMethod):
         self.r = parse_gtp_r(self.depth, r, num_patches)
         check_total_removal(self.r, num_patches + self.num_prefix, self.num_prefix, f"GTP r={r!r}")
         if selection not in SELECTIONS:
-            hint = " (random selection is not provided: it is unseeded in the reference)" if selection in (
-                "random", "Random") else ""
+            hint = (
+                " (random selection is not provided: it is unseeded in the reference)"
+                if selection in ("random", "Random")
+                else ""
+            )
             raise ReductionConfigError(
                 f"unknown GTP selection {selection!r}{hint}; choose one of {', '.join(SELECTIONS)}"
             )
@@ -270,8 +275,9 @@ class GTP(ReductionMethod):
         scaled = self.token_scale and i > self.first_propagating_block
         bias = state.size.log()[:, None, None, :, 0] if scaled else None
         if self.r[i] > 0:
-            return AttentionRequest(need="map", softmax=biased_softmax(bias), post_softmax=self._post_softmax,
-                                    transient_map=True)  # the map is read only in after_attention
+            return AttentionRequest(
+                need="map", softmax=biased_softmax(bias), post_softmax=self._post_softmax, transient_map=True
+            )  # the map is read only in after_attention
         if self._post_softmax is not None:
             return AttentionRequest(need="none", softmax=biased_softmax(bias), post_softmax=self._post_softmax)
         return NO_REQUEST if bias is None else AttentionRequest(need="none", bias=bias)
@@ -290,7 +296,7 @@ class GTP(ReductionMethod):
             idx = torch.cat([torch.arange(p, device=idx.device).expand(B, p), idx], dim=1)
         flat = state.flat_index(idx, N)
         rows = state.extras[ROWS_KEY].gather(1, order)  # graph rows of the ranked tokens
-        rows_kept, rows_prop = rows[:, : M - r], rows[:, M - r:]
+        rows_kept, rows_prop = rows[:, : M - r], rows[:, M - r :]
         graph = state.extras[GRAPH_KEY]
         m = graph.shape[-1]
         # W_prop = graph[rows_kept][:, rows_prop]: only the (N-p-r) x r block is gathered

@@ -40,6 +40,7 @@ are never sources or destinations in either stage and lead the output in their o
 stable (the reference's ties are undefined). Merging sums each group in one pass (the reference sums
 stage 1 into B, then stage 2 into A): the same sums in another order.
 """
+
 from __future__ import annotations
 
 import copy
@@ -149,8 +150,15 @@ def attention_probs(attn: Attention, x: Tensor, size: Tensor | None) -> Tensor:
 
 
 def merge_plan(
-    metric: Tensor, attn: Tensor | None, size: Tensor | None, r: int, p: int,
-    tau_sim: float, tau_info: float, tau_size: float, bidirectional: bool,
+    metric: Tensor,
+    attn: Tensor | None,
+    size: Tensor | None,
+    r: int,
+    p: int,
+    tau_sim: float,
+    tau_info: float,
+    tau_size: float,
+    bidirectional: bool,
 ) -> Tensor:
     """MCTF's two-stage matching: the output row (B, t) of every token, among t - r rows."""
     B, t, _ = metric.shape
@@ -240,7 +248,10 @@ class MCTF(ReductionMethod):
             )
         self.one_step_ahead = int(one_step_ahead)
         self.tau_sim, self.tau_info, self.tau_size = (
-            _check_tau(tau_sim, "tau_sim"), _check_tau(tau_info, "tau_info"), _check_tau(tau_size, "tau_size"))
+            _check_tau(tau_sim, "tau_sim"),
+            _check_tau(tau_info, "tau_info"),
+            _check_tau(tau_size, "tau_size"),
+        )
         for name, value in (("bidirectional", bidirectional), ("prop_attn", prop_attn)):
             if not isinstance(value, bool):
                 raise ReductionConfigError(f"MCTF {name} must be true or false, got {value!r}")
@@ -251,15 +262,22 @@ class MCTF(ReductionMethod):
                 "'attn' is the official one)"
             )
         self.pooling = pooling
-        if isinstance(aux_r_max, bool) or not isinstance(aux_r_max, Real) or aux_r_max < 0 or (
-                not float(aux_r_max).is_integer() and aux_r_max >= 1):
+        if (
+            isinstance(aux_r_max, bool)
+            or not isinstance(aux_r_max, Real)
+            or aux_r_max < 0
+            or (not float(aux_r_max).is_integer() and aux_r_max >= 1)
+        ):
             raise ReductionConfigError(
                 f"MCTF aux_r_max must be 0 (no random-r training pass), an int > 0 or a fraction in (0, 1), "
                 f"got {aux_r_max!r}"
             )
         self.aux_r_max = int(aux_r_max) if float(aux_r_max).is_integer() else float(aux_r_max)
-        for name, value in (("aux_weight", aux_weight), ("consistency_weight", consistency_weight),
-                            ("consistency_threshold", consistency_threshold)):
+        for name, value in (
+            ("aux_weight", aux_weight),
+            ("consistency_weight", consistency_weight),
+            ("consistency_threshold", consistency_threshold),
+        ):
             if isinstance(value, bool) or not isinstance(value, Real) or value < 0:
                 raise ReductionConfigError(f"MCTF {name} must be a number >= 0, got {value!r}")
         self.aux_weight, self.consistency_weight = float(aux_weight), float(consistency_weight)
@@ -380,8 +398,9 @@ class MCTF(ReductionMethod):
             return int(torch.randint(0, int(self.aux_r_max * 100), (1,))) / 100
         return int(torch.randint(0, self.aux_r_max, (1,)))
 
-    def losses(self, state: TokenState, *, logits: Tensor | None = None, targets: Tensor | None = None,
-               **context: Any) -> dict[str, Tensor]:
+    def losses(
+        self, state: TokenState, *, logits: Tensor | None = None, targets: Tensor | None = None, **context: Any
+    ) -> dict[str, Tensor]:
         """The random-r pass's cross-entropy and the class-token consistency (see the module doc)."""
         aux = state.extras.get("mctf_aux")
         if aux is None or not state.training:
@@ -390,8 +409,13 @@ class MCTF(ReductionMethod):
             raise ValueError("mctf losses need the student's logits and the (soft) targets of the batch")
         model = aux["model"]
         method = self._aux_copy(self.draw_aux_r())
-        other = TokenState(x=aux["tokens"], num_protected=state.num_protected, grid_size=state.grid_size,
-                           training=True, trace_source=False)
+        other = TokenState(
+            x=aux["tokens"],
+            num_protected=state.num_protected,
+            grid_size=state.grid_size,
+            training=True,
+            trace_source=False,
+        )
         checkpointing = model.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(model.blocks):
             other = run_block(block, other, method, i, checkpointing)
@@ -413,6 +437,8 @@ class MCTF(ReductionMethod):
 
     def extra_repr(self) -> str:
         r = self.r[0] if len(set(self.r)) == 1 else self.r
-        return (f"r={r}, layers={self.layers}, one_step_ahead={self.one_step_ahead}, tau=({self.tau_sim:g}, "
-                f"{self.tau_info:g}, {self.tau_size:g}), bidirectional={self.bidirectional}, pooling={self.pooling!r}, "
-                f"prop_attn={self.prop_attn}, aux_r_max={self.aux_r_max}")
+        return (
+            f"r={r}, layers={self.layers}, one_step_ahead={self.one_step_ahead}, tau=({self.tau_sim:g}, "
+            f"{self.tau_info:g}, {self.tau_size:g}), bidirectional={self.bidirectional}, pooling={self.pooling!r}, "
+            f"prop_attn={self.prop_attn}, aux_r_max={self.aux_r_max}"
+        )

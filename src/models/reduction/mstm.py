@@ -18,6 +18,7 @@ Linear and is added back to the patches it covers. The fusion module is attached
 initialisation its contribution is exactly zero, so MSTM is usable off-the-shelf and equals the
 method without fusion.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 
 from .base import (
     QUARTER_POINTS,
-    KeepRateMethod,
     AttentionResult,
+    KeepRateMethod,
     ReductionConfigError,
     TokenState,
     rank_by_cls_attention,
@@ -121,8 +122,11 @@ class MSTM(KeepRateMethod):
         self.scales: Tuple[int, ...] = ()
         self.fusion_block: Optional[int] = None
         if fusion:
-            if isinstance(scales, (int, str)) or not isinstance(scales, Sequence) or not scales or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 2 for s in scales
+            if (
+                isinstance(scales, (int, str))
+                or not isinstance(scales, Sequence)
+                or not scales
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 2 for s in scales)
             ):
                 raise ReductionConfigError(
                     f"MSTM scales must be a non-empty list of pooling windows >= 2 (e.g. [2, 4]), got {scales!r}"
@@ -142,7 +146,11 @@ class MSTM(KeepRateMethod):
         """Reuse an existing matching module (keeps loaded/trained weights), else attach a new one."""
         existing = getattr(model, FUSION_ATTR, None)
         dim = model.embed_dim
-        if isinstance(existing, MultiScaleFusion) and existing.scales == self.scales and existing.norm.normalized_shape == (dim,):
+        if (
+            isinstance(existing, MultiScaleFusion)
+            and existing.scales == self.scales
+            and existing.norm.normalized_shape == (dim,)
+        ):
             return
         ref = next(model.parameters())
         setattr(model, FUSION_ATTR, MultiScaleFusion(dim, self.scales).to(device=ref.device, dtype=ref.dtype))
@@ -176,11 +184,14 @@ class MSTM(KeepRateMethod):
             dest = torch.cat([torch.arange(p, device=dest.device).expand(B, p), dest + p], dim=1)
             weight = torch.cat([weight.new_ones(B, p), weight], dim=1)
         state.x, state.size, state.source = weighted_merge(
-            state.x, weight.unsqueeze(-1), state.size, state.source, dest, p + k)
+            state.x, weight.unsqueeze(-1), state.size, state.source, dest, p + k
+        )
         return state
 
     def new_module_names(self) -> List[str]:
         return [FUSION_ATTR] if self.fusion else []
 
     def extra_repr(self) -> str:
-        return f"keep_rate={self.keep_rates}, locations={self.locations}, fusion={self.fusion}, scales={list(self.scales)}"
+        return (
+            f"keep_rate={self.keep_rates}, locations={self.locations}, fusion={self.fusion}, scales={list(self.scales)}"
+        )

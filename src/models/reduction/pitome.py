@@ -33,6 +33,7 @@ Extensions beyond the reference:
 - A block where r rounds to 0 (few tokens, ratio near 1) keeps every token, in energy order; the
   reference's energy split fails there (a max over an empty set).
 """
+
 from __future__ import annotations
 
 import math
@@ -131,11 +132,16 @@ def bsm_plan(sim: Tensor, order: Tensor, r: int) -> Tensor:
     unm, src = edge[:, r:], edge[:, :r]
     u = unm.shape[1]
     dev = sim.device
-    return _place(B, T, dev, [
-        (a_idx.gather(1, unm), torch.arange(u, device=dev)),  # unmerged A, in match order
-        (b_idx, torch.arange(u, u + b_idx.shape[1], device=dev)),  # B, in energy order
-        (a_idx.gather(1, src), node_idx.gather(1, src) + u),  # merged A -> its B token's row
-    ])
+    return _place(
+        B,
+        T,
+        dev,
+        [
+            (a_idx.gather(1, unm), torch.arange(u, device=dev)),  # unmerged A, in match order
+            (b_idx, torch.arange(u, u + b_idx.shape[1], device=dev)),  # B, in energy order
+            (a_idx.gather(1, src), node_idx.gather(1, src) + u),  # merged A -> its B token's row
+        ],
+    )
 
 
 def energy_plan(sim: Tensor, order: Tensor, r: int) -> Tensor:
@@ -147,11 +153,16 @@ def energy_plan(sim: Tensor, order: Tensor, r: int) -> Tensor:
     a_idx, b_idx = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]
     dst = _similarity(sim, a_idx, b_idx).max(dim=-1).indices
     dev = sim.device
-    return _place(B, T, dev, [
-        (order[:, 2 * r :], torch.arange(kept, device=dev)),  # kept, in energy order
-        (b_idx, torch.arange(kept, kept + r, device=dev)),
-        (a_idx, dst + kept),
-    ])
+    return _place(
+        B,
+        T,
+        dev,
+        [
+            (order[:, 2 * r :], torch.arange(kept, device=dev)),  # kept, in energy order
+            (b_idx, torch.arange(kept, kept + r, device=dev)),
+            (a_idx, dst + kept),
+        ],
+    )
 
 
 @register

@@ -23,6 +23,7 @@ Not exact / extensions:
 - The CLS row is taken before attention dropout (identical in eval and for DeiT/ViT checkpoints);
   sorts are stable (the reference's ties are undefined).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -149,5 +150,7 @@ class PPT(ReductionMethod):
         return state
 
     def extra_repr(self) -> str:
-        return (f"r={[self.r_at[loc] for loc in self.locations]}, locations={self.locations}, "
-                f"threshold={self.threshold:g}, prop_attn={self.prop_attn}")
+        return (
+            f"r={[self.r_at[loc] for loc in self.locations]}, locations={self.locations}, "
+            f"threshold={self.threshold:g}, prop_attn={self.prop_attn}"
+        )

@@ -13,6 +13,7 @@ method's constructor. A schedule fills in that parameter:
                                        compared at equal compute, which none of the reference
                                        codebases offers
 """
+
 from __future__ import annotations
 
 import copy
@@ -94,7 +95,13 @@ def _int(v, what: str) -> int:
 
 
 def solve_for_gmacs(
-    model, method: str, params: Dict[str, Any], kind: str, gmacs: float, img_size=None, in_chans=None,
+    model,
+    method: str,
+    params: Dict[str, Any],
+    kind: str,
+    gmacs: float,
+    img_size=None,
+    in_chans=None,
     tolerance: float = 0.03,
 ) -> Dict[str, Any]:
     """Find the reduction that brings the counted GMACs of `method` on `model` closest to `gmacs`.

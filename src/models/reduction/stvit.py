@@ -30,6 +30,7 @@ the restored (B, C, H, W) map is left in ``state.extras["recovered"]`` for dense
 
 New modules (full learning rate): ``stvit_centre`` (the global centre) and ``stvit_recover``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple, Union
@@ -40,8 +41,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
 from .base import (
-    AttentionRequest,
     NO_REQUEST,
+    AttentionRequest,
     ReductionConfigError,
     ReductionMethod,
     TokenState,
@@ -67,8 +68,15 @@ class SemanticCentre(nn.Module):
 class RecoveryBlock(nn.Module):
     """Image tokens (queries) attend to semantic tokens (keys/values), then an MLP: STViT-R recovery."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool = True,
-                 layer_scale_init: float = 1e-5, eps: float = 1e-6):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        qkv_bias: bool = True,
+        layer_scale_init: float = 1e-5,
+        eps: float = 1e-6,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -121,19 +129,26 @@ def adaptive_max_pool2d(g: Tensor, out_size: Tuple[int, int]) -> Tensor:
         ends = [-(-(i + 1) * size // n) for i in range(n)]
         k = max(e - s for s, e in zip(starts, ends))
         i = torch.arange(n, device=g.device)
-        start, last = (i * size).div(n, rounding_mode="floor"), ((i + 1) * size + n - 1).div(n, rounding_mode="floor") - 1
+        start, last = (
+            (i * size).div(n, rounding_mode="floor"),
+            ((i + 1) * size + n - 1).div(n, rounding_mode="floor") - 1,
+        )
         # every window padded to k entries by repeating its last row (a repeat does not change a maximum)
         idx = torch.minimum(start[:, None] + torch.arange(k, device=g.device), last[:, None]).reshape(-1)
         shape = list(g.shape)
-        shape[dim:dim + 1] = [n, k]
+        shape[dim : dim + 1] = [n, k]
         g = g.index_select(dim, idx).view(shape).amax(dim + 1)
     return g
 
 
 def _pool_size(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
     if isinstance(value, bool) or not (
-        isinstance(value, int) or (isinstance(value, (list, tuple)) and len(value) == 2
-                                   and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+        isinstance(value, int)
+        or (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        )
     ):
         raise ReductionConfigError(f"STViT pool_size must be an int or [h, w], got {value!r} (e.g. 4 for 16 tokens)")
     size = (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
@@ -147,8 +162,15 @@ class STViT(ReductionMethod):
     name = "stvit"
     module_names = ("stvit_centre", "stvit_recover")
 
-    def __init__(self, model, block: Union[int, float] = 0.333, pool_size: Union[int, Sequence[int]] = 4,
-                 pool: str = "max", global_centre: bool = True, recover: bool = False):
+    def __init__(
+        self,
+        model,
+        block: Union[int, float] = 0.333,
+        pool_size: Union[int, Sequence[int]] = 4,
+        pool: str = "max",
+        global_centre: bool = True,
+        recover: bool = False,
+    ):
         self.depth = len(model.blocks)
         index = resolve_block(block, self.depth, "STViT block")
         if index > self.depth - 2:
@@ -161,7 +183,8 @@ class STViT(ReductionMethod):
         grid = tuple(model.patch_embed.grid_size)
         if self.pool_size[0] > grid[0] or self.pool_size[1] > grid[1]:
             raise ReductionConfigError(
-                f"STViT pool_size={pool_size!r} is larger than the {grid[0]}x{grid[1]} patch grid; choose at most {grid}"
+                f"STViT pool_size={pool_size!r} is larger than the {grid[0]}x{grid[1]} patch grid; "
+                f"choose at most {grid}"
             )
         if pool not in ("max", "avg"):
             raise ReductionConfigError(f"STViT pool must be 'max' (the reference) or 'avg', got {pool!r}")
@@ -175,7 +198,10 @@ class STViT(ReductionMethod):
         if self.recover:
             last = model.blocks[-1]
             model.stvit_recover = RecoveryBlock(
-                dim, last.attn.num_heads, last.mlp.fc1.out_features, qkv_bias=last.attn.qkv.bias is not None,
+                dim,
+                last.attn.num_heads,
+                last.mlp.fc1.out_features,
+                qkv_bias=last.attn.qkv.bias is not None,
                 eps=getattr(last.norm1, "eps", 1e-6),
             ).init_from(last)
 
@@ -198,18 +224,19 @@ class STViT(ReductionMethod):
             img = state.x[:, p:]
             H, W = state.grid_size
             if img.shape[1] != H * W:
-                raise RuntimeError(
-                    f"STViT needs the full {H}x{W} patch grid at block {i}, got {img.shape[1]} tokens"
-                )
+                raise RuntimeError(f"STViT needs the full {H}x{W} patch grid at block {i}, got {img.shape[1]} tokens")
             state.extras["stvit_image_tokens"] = img
             pooled = self._pool_grid(img, (H, W))
             state.x = torch.cat([state.x[:, :p], pooled, img], dim=1)
             if state.source is not None:
                 img_src = state.source[:, p:]
                 # a pooled token stands for the patches of its pooling window
-                pooled_src = (F.adaptive_avg_pool2d(
-                    img_src.transpose(1, 2).reshape(img_src.shape[0], -1, H, W), self.pool_size
-                ).flatten(2).transpose(1, 2) > 0).to(img_src.dtype)
+                pooled_src = (
+                    F.adaptive_avg_pool2d(img_src.transpose(1, 2).reshape(img_src.shape[0], -1, H, W), self.pool_size)
+                    .flatten(2)
+                    .transpose(1, 2)
+                    > 0
+                ).to(img_src.dtype)
                 state.extras["stvit_image_source"] = img_src
                 state.source = torch.cat([state.source[:, :p], pooled_src, img_src], dim=1)
         elif i == self.block + 1:
@@ -230,7 +257,7 @@ class STViT(ReductionMethod):
     def finalize(self, model, state: TokenState) -> TokenState:
         if self.recover:
             img = state.extras["stvit_image_tokens"]
-            restored = model.stvit_recover(img, state.x[:, state.num_protected:])
+            restored = model.stvit_recover(img, state.x[:, state.num_protected :])
             B, _, C = restored.shape
             state.extras["recovered"] = restored.transpose(1, 2).reshape(B, C, *state.grid_size)
         state.extras.pop("stvit_image_source", None)
@@ -243,5 +270,7 @@ class STViT(ReductionMethod):
         return {"stvit/semantic_tokens": float(self.num_semantic)}
 
     def extra_repr(self) -> str:
-        return (f"block={self.block}, pool_size={self.pool_size}, pool={self.pool!r}, "
-                f"global_centre={self.global_centre}, recover={self.recover}")
+        return (
+            f"block={self.block}, pool_size={self.pool_size}, pool={self.pool!r}, "
+            f"global_centre={self.global_centre}, recover={self.recover}"
+        )

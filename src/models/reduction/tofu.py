@@ -33,6 +33,7 @@ Extensions beyond the reference:
   reference fails there).
 - ``strategy`` may be one string for every block.
 """
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ Proportional attention adds log(size) to the attention logits.
 Extension: register tokens (DINOv2-reg, ...) are protected by the same rule as CLS and the
 distillation token (never a source in A, never a destination in B, kept in order in front).
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -18,14 +19,14 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .base import (
+    NO_REQUEST,
     AttentionRequest,
     AttentionResult,
-    NO_REQUEST,
     ReductionConfigError,
     ReductionMethod,
     TokenState,
-    register,
     merge_rows,
+    register,
     resolve_r,
 )
 
