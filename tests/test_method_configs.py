@@ -25,7 +25,7 @@ def test_method_runs_on_the_quickstart_model(method):
 
 def test_compare_experiment_matches_compute_across_methods():
     """experiment=compare_digits's flops schedule lands every method within 3% of the budget."""
-    for method in ("tome", "evit", "gtp", "bat", "mstm"):
+    for method in ("tome", "evit", "gtp", "bat", "mstm", "mctf", "ppt", "pitome", "tofu"):
         cfg = compose_config(["experiment=compare_digits", f"method={method}"])
         model, _ = build_reduced(cfg)
         assert abs(count_gmacs(model, 28, 1) - 0.0019) <= 0.03 * 0.0019, method
