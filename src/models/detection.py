@@ -1,11 +1,18 @@
 """A (token-reduced) timm ViT as a detection backbone: the spatial token map -> a simple feature pyramid.
 
-``ViTDetBackbone(vit)`` runs ``vit.forward_tokens`` and takes its (B, C, H/p, W/p) map: STViT-R's
-recovered map (``apply_reduction(vit, "stvit", recover=True)`` puts it in ``state.extras["recovered"]``)
-or, for a method that keeps every patch token (``none``), the final patch tokens themselves. From that
-single-scale map it builds ViTDet's simple feature pyramid (Li et al., ECCV 2022): deconvolutions up,
-max-pooling down, then a 1x1 and a 3x3 convolution with LayerNorm per level, plus one extra
-max-pooled level, all with ``out_channels`` channels.
+``ViTDetBackbone(vit)`` runs ``vit.forward_tokens(images, dense=True)`` and takes its dense map
+``state.dense_map`` (B, C, H/p, W/p), which every token-reduction method gives by its own declared means
+(``ReductionMethod.dense_restore``; see src/models/reduction/base.py): ``none`` the final patch tokens;
+merging methods (ToMe, MCTF, PiToMe, ToFu, BAT, MSTM, DiffRate's and PPT's merging) unmerge through
+their source map, every patch taking the final features of the token it was merged into; pruning and
+propagating methods (EViT, DynamicViT, GTP, ATS, DiffRate's and PPT's pruning) give a removed token's
+patch the features it had when it was removed; STViT-R (``apply_reduction(vit, "stvit", recover=True)``)
+its recovered map. A method without a map (plain STViT, ``recover=False``) is refused when the backbone
+is built, with the method's reason. The map is taken before the ViT's final norm (STViT-R's recovered
+map skips it too); the backbone normalises it with its own LayerNorm2d. From that single-scale map it
+builds ViTDet's simple feature pyramid (Li et al., ECCV 2022): deconvolutions up, max-pooling down, then
+a 1x1 and a 3x3 convolution with LayerNorm per level, plus one extra max-pooled level, all with
+``out_channels`` channels.
 
 It returns an ``OrderedDict`` ``{"0", "1", "2", "3", "pool"}`` (strides p/s for each scale factor s,
 then twice the last) and has ``out_channels``: exactly what torchvision's ``FasterRCNN`` /
@@ -30,7 +37,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import VisionTransformer
 
-from .reduction import ReductionConfigError, apply_reduction
+from .reduction import apply_reduction
 from .reduction.base import _ReducedMixin
 
 Tensor = torch.Tensor
@@ -68,7 +75,8 @@ def _level(dim: int, scale: float, out_channels: int) -> nn.Sequential:
 
 
 class ViTDetBackbone(nn.Module):
-    """Feature pyramid from the spatial token map of a timm ViT (STViT-R recovered, or unreduced)."""
+    """Feature pyramid from the dense token map of a timm ViT, unreduced or reduced with any method that
+    has a dense map (every registered one but plain STViT)."""
 
     def __init__(
         self, vit: VisionTransformer, out_channels: int = 256, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5)
@@ -78,42 +86,25 @@ class ViTDetBackbone(nn.Module):
             raise ValueError(f"torchvision's RoI pooler reads four levels; got scale_factors={list(scale_factors)}")
         if not isinstance(vit, _ReducedMixin):
             apply_reduction(vit, "none")  # gives the plain model forward_tokens
-        method = vit.reduction
-        if method.name == "stvit" and not method.recover:
-            raise ReductionConfigError(
-                "STViT keeps only semantic tokens after its generation blocks; a detection backbone needs "
-                "the recovered map: apply_reduction(vit, 'stvit', recover=True, ...)"
-            )
-        if method.name not in ("none", "stvit"):
-            raise ReductionConfigError(
-                f"method '{method.name}' does not restore the spatial token map; use 'stvit' with "
-                "recover=True (STViT-R) or 'none'"
-            )
+        vit.reduction.check_dense()  # the method's own ReductionConfigError when it has no dense map
         self.vit = vit
         dim = vit.embed_dim
         self.patch = tuple(vit.patch_embed.patch_size)
-        self.norm = LayerNorm2d(dim)  # the recovered map skips the ViT's final norm; normalise both alike
+        self.norm = LayerNorm2d(dim)  # the dense map is taken before the ViT's final norm: normalise it here
         self.levels = nn.ModuleList([_level(dim, float(s), out_channels) for s in scale_factors])
         self.top = nn.MaxPool2d(1, 2)  # ViTDet's / torchvision's extra level: stride 2 of the last
         self.out_channels = out_channels
         self.strides = [int(self.patch[0] / s) for s in scale_factors] + [int(self.patch[0] / scale_factors[-1]) * 2]
 
     def spatial_map(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, C, H/p, W/p) token map."""
+        """(B, 3, H, W) -> (B, C, H/p, W/p) dense token map (before the ViT's final norm)."""
         H, W = images.shape[-2:]
         if H % self.patch[0] or W % self.patch[1]:
             raise ValueError(
                 f"image size {H}x{W} is not a multiple of the patch size {self.patch}; pad the images "
                 "(torchvision's GeneralizedRCNNTransform pads to multiples of 32 by default)"
             )
-        state = self.vit.forward_tokens(images)
-        if "recovered" in state.extras:
-            return state.extras["recovered"]
-        gh, gw = state.grid_size
-        tokens = state.x[:, state.num_protected :]
-        if tokens.shape[1] != gh * gw:
-            raise RuntimeError(f"{tokens.shape[1]} patch tokens left for a {gh}x{gw} grid: no spatial map")
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
+        return self.vit.forward_tokens(images, dense=True).dense_map
 
     def forward(self, images: Tensor) -> Dict[str, Tensor]:
         x = self.norm(self.spatial_map(images))

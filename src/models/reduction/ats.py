@@ -147,6 +147,8 @@ def parse_num_tokens(num_tokens, depth: int, total: int) -> list[int]:
 @register
 class ATS(ReductionMethod):
     name = "ats"
+    #: dense map: a token sampled out leaves its last features; padding rows (zero source) claim nothing
+    dense_restore = "source"
     needs_class_token = True
     static_schedule = False
 

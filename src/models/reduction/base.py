@@ -18,6 +18,12 @@ needs from attention (:class:`AttentionRequest`) and acts through a few hooks:
 The attention computes only what the method asked for: the fused
 ``F.scaled_dot_product_attention`` kernel whenever the full attention map is not needed (an extra
 softmax over the CLS query row for CLS-attention methods), the explicit map otherwise.
+
+Dense heads (detection, segmentation): ``forward_tokens(x, dense=True)`` also gives
+``state.dense_map`` (B, C, H/p, W/p), the final features of every patch position taken before the
+model's final norm, each method by the means it declares in ``ReductionMethod.dense_restore`` (see
+:func:`source_dense_map`: merged patches take the final features of the token they were merged into,
+removed ones the last features their token had when it was removed).
 """
 
 from __future__ import annotations
@@ -56,6 +62,13 @@ class TokenState:
     block_index: int = -1
     training: bool = False  # the model's mode: methods with separate train/eval paths read it
     trace_source: bool = False  # when True, methods keep `source` up to date (visualisation)
+    # dense pass by the shared mechanism (forward_tokens(x, dense=True), method.dense_restore == "source"):
+    # `source` is traced and run_block records in `removed` the last features of every patch's token
+    dense_tracking: bool = False
+    # (B, M0, C) per input patch (prefix tokens excluded): the features its token had just before the last
+    # hook that changed the source map while the patch was claimed (see record_removed); None until then
+    removed: Optional[Tensor] = None
+    dense_map: Optional[Tensor] = None  # (B, C, H, W) the final patch map of a dense pass (before the final norm)
     # one attention-map buffer for this forward pass, reused by every block that asks for a transient map
     map_buffer: Optional[Tensor] = None
     _batch_rows: Optional[Tensor] = field(default=None, repr=False)  # see batch_rows()
@@ -66,7 +79,7 @@ class TokenState:
 
     def ensure_source(self) -> None:
         """Start the source map (identity over the current tokens) if tracing and not started."""
-        if self.trace_source and self.source is None:
+        if (self.trace_source or self.dense_tracking) and self.source is None:
             B, N, _ = self.x.shape
             self.source = torch.eye(N, device=self.x.device, dtype=self.x.dtype)[None].expand(B, N, N)
 
@@ -85,7 +98,12 @@ class TokenState:
     def keep(self, idx: Tensor, extra: Optional[Tensor] = None, extra_source: Optional[Tensor] = None) -> None:
         """Keep the protected tokens plus the non-protected tokens `idx` (B, K), in that order, then
         optionally append `extra` tokens (B, E, C) whose source rows are `extra_source` (B, E, N0).
-        x, size and source are gathered together, through one row index, so they never fall out of step."""
+        x, size and source are gathered together, through one row index, so they never fall out of step.
+
+        An `extra` token summarises removed tokens (EViT's fused token): `extra_source` says which patches
+        it summarises (drawn by the visualisation), but in a dense pass (`dense_tracking`) it claims none of
+        them: its source rows are zero there, so the removed patches keep their own last features in the
+        dense map rather than all taking the summary's."""
         p = self.num_protected
         B, N, _ = self.x.shape
         if p:  # the protected rows join the index: one gather per tensor, no concatenation of tokens
@@ -99,7 +117,9 @@ class TokenState:
             self.source = take_rows(self.source, flat, K)
         if extra is not None:
             self.x = torch.cat([self.x, extra], dim=1)
-            if self.source is not None and extra_source is not None:
+            if self.source is not None:
+                if extra_source is None or self.dense_tracking:
+                    extra_source = self.source.new_zeros(B, extra.shape[1], self.source.shape[-1])
                 self.source = torch.cat([self.source, extra_source], dim=1)
 
 
@@ -151,6 +171,59 @@ def weighted_merge(
     new_size = merge_rows(size, flat, out_len)
     new_source = merge_rows(source, flat, out_len, "amax") if source is not None else None
     return num / den, new_size, new_source
+
+
+# --- dense maps (detection / segmentation heads) ---------------------------------------------------
+def record_removed(state: TokenState, x: Tensor, source: Optional[Tensor]) -> None:
+    """After a hook of a dense pass; `x` and `source` are the tokens and the source map before it.
+
+    A hook that removes or merges tokens replaces ``state.source`` (``keep``, ``merge_rows``, ... make new
+    tensors; none edits it in place), so an unchanged source map means nothing left and there is
+    nothing to do. Otherwise every patch claimed before the hook gets, in ``state.removed``, the features
+    its token had then. The last such write of a patch is the hook that took its last claiming token
+    away, so for a patch no final token claims ``removed`` holds the features its token had when it was
+    removed (pruned, dropped, propagated, masked); for a claimed patch it is never read."""
+    if source is None or state.source is source:
+        return
+    p = state.num_protected
+    claimed, owner = source[:, :, p:].max(dim=1)  # (B, M0): a patch's claiming token (rows are disjoint)
+    feats = gather_tokens(x, owner)
+    old = state.removed if state.removed is not None else torch.zeros_like(feats)
+    state.removed = torch.where((claimed > 0).unsqueeze(-1), feats, old.to(feats.dtype))
+
+
+def source_dense_map(state: TokenState) -> Tensor:
+    """(B, C, H, W) map of the final state of a dense pass by the shared mechanism: a patch that a final
+    token claims (source entry > 0: the token it was merged into, or its own) takes that token's final
+    features; any other patch (its token was pruned, dropped, propagated away, masked, or is an ATS
+    padding row: zero source rows claim nothing) takes ``state.removed``, the last features its token had.
+    Prefix tokens (CLS, distillation, registers) are not part of the map."""
+    if state.source is None:
+        raise ValueError("source_dense_map needs the source map of a dense pass: forward_tokens(x, dense=True)")
+    p = state.num_protected
+    gh, gw = state.grid_size
+    src = state.source[:, :, p:]
+    if src.shape[-1] != gh * gw:
+        raise RuntimeError(f"the source map has {src.shape[-1]} patch columns for a {gh}x{gw} grid: no spatial map")
+    claimed, owner = src.max(dim=1)
+    out = gather_tokens(state.x, owner)  # (B, M0, C)
+    if state.removed is not None:
+        out = torch.where((claimed > 0).unsqueeze(-1), out, state.removed.to(out.dtype))
+    return out.transpose(1, 2).reshape(out.shape[0], -1, gh, gw)
+
+
+def patch_token_map(state: TokenState, method: str = "none") -> Tensor:
+    """(B, C, H, W) map of the final patch tokens themselves, for a method that keeps every patch token
+    in grid order."""
+    gh, gw = state.grid_size
+    tokens = state.x[:, state.num_protected :]
+    if tokens.shape[1] != gh * gw:
+        raise RuntimeError(
+            f"{tokens.shape[1]} patch tokens left for a {gh}x{gw} grid: method '{method}' declares "
+            "dense_restore='tokens' (it keeps every patch token) but removed some; a method that removes or "
+            "merges tokens declares dense_restore='source'"
+        )
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
 
 
 @dataclass
@@ -351,6 +424,17 @@ class ReductionMethod:
     #: `not_exportable_reason` says why (an op ONNX lacks, ...). A dynamic schedule is never exportable.
     exportable: ClassVar[bool] = True
     not_exportable_reason: ClassVar[str] = ""
+    #: How the method gives the dense (B, C, H/p, W/p) map of its final features that detection and
+    #: segmentation heads need (``forward_tokens(x, dense=True)`` -> ``state.dense_map``, before the final
+    #: norm); shared code (ViTDetBackbone) reads this and `check_dense`, never the method's name:
+    #:   "tokens": every patch token stays, in grid order: the final patch tokens are the map (`none`);
+    #:   "source": the shared mechanism (`source_dense_map`): the pass traces the source map and the last
+    #:             features of every token when it leaves; merged patches take the final features of the
+    #:             token they were merged into, removed ones the last features their token had;
+    #:   "own":    the method's `dense_map` builds the map itself, no tracing (STViT-R's recovery block).
+    #: A method (configuration) with no map says so in `check_dense`. Every method declares it; the
+    #: identity method (this class) is "tokens".
+    dense_restore: ClassVar[str] = "tokens"
 
     def __init__(self, model: VisionTransformer, **params: Any):
         if params:
@@ -379,6 +463,22 @@ class ReductionMethod:
     def losses(self, state: TokenState, **context: Any) -> Dict[str, Tensor]:
         """Extra training losses (already weighted), computed from the final state."""
         return {}
+
+    # --- dense map ------------------------------------------------------------------------------
+    def check_dense(self) -> None:
+        """Raise ReductionConfigError, saying why and what to do, when this configured method has no dense
+        map (default: it has one)."""
+
+    def dense_map(self, state: TokenState) -> Tensor:
+        """(B, C, H, W) map of the final features of a dense pass (before the final norm), by
+        `dense_restore`; a method with dense_restore "own" overrides this."""
+        if self.dense_restore == "source":
+            return source_dense_map(state)
+        if self.dense_restore == "tokens":
+            return patch_token_map(state, self.name)
+        raise NotImplementedError(
+            f"method '{self.name}' declares dense_restore={self.dense_restore!r} but does not override dense_map"
+        )
 
     def new_module_names(self) -> List[str]:
         """Top-level attribute names of modules this method added to the model (full learning rate)."""
@@ -535,6 +635,27 @@ def _mlp_residual(block: Block, x: Tensor) -> Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def _hook(state: TokenState, hook: Callable[..., TokenState], *args: Any) -> TokenState:
+    """``hook(*args)``, one of the method's hooks, returning the state; in a dense pass what it removed
+    is recorded (`record_removed`)."""
+    if not state.dense_tracking:
+        return hook(*args)
+    x, source = state.x, state.source
+    state = hook(*args)
+    record_removed(state, x, source)
+    return state
+
+
+def _keep_queries(state: TokenState, n_q: int) -> TokenState:
+    """Only the first `n_q` tokens (the queries of a cross-attention) go on."""
+    state.x = state.x[:, :n_q]
+    if state.size is not None:
+        state.size = state.size[:, :n_q]
+    if state.source is not None:
+        state.source = state.source[:, :n_q]
+    return state
+
+
 def run_block(
     block: Block, state: TokenState, method: ReductionMethod, i: int, grad_checkpoint: bool = False
 ) -> TokenState:
@@ -542,28 +663,24 @@ def run_block(
 
     With `grad_checkpoint` the attention and the MLP (the block's activations) are recomputed in
     backward; the method's hooks run outside the checkpoints, so their in-place edits of the state
-    are never replayed."""
+    are never replayed. In a dense pass (``state.dense_tracking``) what each hook removes is recorded
+    (`record_removed`); otherwise nothing is added to the pass."""
     state.block_index = i
-    state = method.before_block(i, block, state)
+    state = _hook(state, method.before_block, i, block, state)
     req = method.attention_request(i, state)
     if grad_checkpoint:
         res = checkpoint(_attend, block, state.x, req, None, use_reentrant=False)
     else:
         res = _attend(block, state.x, req, state)
     if req.queries is not None:  # the non-query tokens (the last ones) leave after serving as keys/values
-        n_q = req.queries
-        state.x = state.x[:, :n_q]
-        if state.size is not None:
-            state.size = state.size[:, :n_q]
-        if state.source is not None:
-            state.source = state.source[:, :n_q]
+        state = _hook(state, _keep_queries, state, req.queries)
     state.x = state.x + block.drop_path1(block.ls1(res.out))
-    state = method.after_attention(i, state, res)
+    state = _hook(state, method.after_attention, i, state, res)
     if grad_checkpoint:
         state.x = checkpoint(_mlp_residual, block, state.x, use_reentrant=False)
     else:
         state.x = _mlp_residual(block, state.x)
-    state = method.after_block(i, state)
+    state = _hook(state, method.after_block, i, state)
     state.tokens_per_block.append(state.x.shape[1])
     return state
 
@@ -592,20 +709,31 @@ class _ReducedMixin:
         state.pop(COMPILED_TOKENS, None)
         return _rebuild_reduced, (base,), state
 
-    def forward_tokens(self, x: Tensor, collect: Sequence[int] = (), last_block: Optional[int] = None) -> TokenState:
+    def forward_tokens(
+        self, x: Tensor, collect: Sequence[int] = (), last_block: Optional[int] = None, dense: bool = False
+    ) -> TokenState:
         """Patch embedding, blocks with reduction, final norm; returns the whole final state.
         `collect`: block indices whose output tokens are kept in ``state.extras["intermediates"]``;
-        `last_block`: stop after this block (no finalize, no final norm).
+        `last_block`: stop after this block (no finalize, no final norm);
+        `dense`: also give ``state.dense_map`` (B, C, H/p, W/p), the features of every patch position
+        after the last block run and before the final norm, by the method's ``dense_restore`` (a method
+        without one raises ReductionConfigError). Tracking it never changes the tokens or the logits.
 
         After ``src.models.compile.compile_model(model)`` the plain call ``forward_tokens(x)`` (the one
-        ``forward`` and the trainer make) runs the compiled graph."""
+        ``forward`` and the trainer make) runs the compiled graph, and ``forward_tokens(x, dense=True)``
+        a second compiled graph."""
+        if dense:
+            self.reduction.check_dense()  # before any work (and outside a compiled graph)
         if not torch.compiler.is_compiling() and not collect and last_block is None:
             compiled = getattr(self, COMPILED_TOKENS, None)
             if compiled is not None:
-                return compiled(x)
-        return self._forward_tokens(x, collect, last_block)
+                return compiled(x, dense=True) if dense else compiled(x)
+        return self._forward_tokens(x, collect, last_block, dense)
 
-    def _forward_tokens(self, x: Tensor, collect: Sequence[int] = (), last_block: Optional[int] = None) -> TokenState:
+    def _forward_tokens(
+        self, x: Tensor, collect: Sequence[int] = (), last_block: Optional[int] = None, dense: bool = False
+    ) -> TokenState:
+        method = self.reduction
         x = self.patch_embed(x)
         grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(self.patch_embed.grid_size)
         x = self._pos_embed(x)
@@ -617,13 +745,14 @@ class _ReducedMixin:
             grid_size=grid,
             training=self.training,
             trace_source=getattr(self, "trace_source", False),
+            dense_tracking=dense and method.dense_restore == "source",
         )
         state.ensure_source()
-        state = self.reduction.init_state(self, state)
+        state = _hook(state, method.init_state, self, state)
         grad_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         taken = []
         for i, block in enumerate(self.blocks):
-            state = run_block(block, state, self.reduction, i, grad_checkpoint)
+            state = run_block(block, state, method, i, grad_checkpoint)
             if i in collect:
                 taken.append(state.x)
             if last_block is not None and i >= last_block:
@@ -632,8 +761,12 @@ class _ReducedMixin:
             state.extras["intermediates"] = taken
         state.map_buffer = None
         if last_block is not None and last_block < len(self.blocks) - 1:
+            if dense:
+                state.dense_map = method.dense_map(state)
             return state
-        state = self.reduction.finalize(self, state)
+        state = _hook(state, method.finalize, self, state)
+        if dense:
+            state.dense_map = method.dense_map(state)
         state.x = self.norm(state.x)
         return state
 

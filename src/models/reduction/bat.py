@@ -145,6 +145,8 @@ def bipartite_pair_merge(
 @register
 class BAT(KeepRateMethod):
     name = "bat"
+    #: dense map: paired and clustered patches take the final features of their merged token
+    dense_restore = "source"
     label = "BAT"
 
     def __init__(

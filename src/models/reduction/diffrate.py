@@ -138,6 +138,8 @@ def merge_into_kept(x: Tensor, size: Tensor, source: Tensor | None, kept: int, n
 @register
 class DiffRate(ReductionMethod):
     name = "diffrate"
+    #: dense map: merged patches take their token's final features, pruned ones their last features
+    dense_restore = "source"
     needs_class_token = True
 
     def __init__(

@@ -11,7 +11,9 @@ nothing is removed. The decision, multiplied into the previous one, becomes a ke
 masked softmax of *every* block (before the first stage the mask is all ones, and the reference still
 uses its eps-smoothed softmax there). A dropped token is invisible to every other query but still
 sees itself. The decisions feed the keep-ratio loss, and the last one selects the tokens distilled
-against the teacher.
+against the teacher. A masked token counts as removed for the source map (its row is zeroed), so a
+dense map (``forward_tokens(x, dense=True)``) gives its patch the features it had when masked, as
+inference does for a dropped token.
 
 Inference (model.eval()): tokens are removed: the int(num_patches * ratio) patch tokens with the
 highest keep score stay, CLS first, then in descending score order (197 -> 138 -> 97 -> 68 for DeiT
@@ -109,6 +111,8 @@ def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
 @register
 class DynamicViT(ReductionMethod):
     name = "dynamicvit"
+    #: dense map: a token dropped (eval) or masked (training) at a stage leaves its features there
+    dense_restore = "source"
     module_names = ("score_predictor",)
     #: the trainer runs the unreduced teacher and passes teacher_logits / teacher_state to `losses`
     needs_teacher = True
@@ -219,6 +223,10 @@ class DynamicViT(ReductionMethod):
             ex["decisions"].append(hard.reshape(hard.shape[0], -1))
             ex["policy"] = torch.cat([hard.new_ones(hard.shape[0], p, 1), hard], dim=1)
             ex["prev"] = hard
+            if state.source is not None:
+                # a masked token stands for nothing any more, as a dropped one in eval: in a dense pass its
+                # patch keeps the features it had at this stage (the hard values are 0/1 up to rounding)
+                state.source = state.source * (ex["policy"].detach() > 0.5).to(state.source.dtype)
             ex["kept"].append(hard.detach().mean())
         else:
             k = ex["counts"][s]

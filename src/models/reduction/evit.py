@@ -41,6 +41,8 @@ Tensor = torch.Tensor
 @register
 class EViT(KeepRateMethod):
     name = "evit"
+    #: dense map: dropped tokens leave their own last features (the fused token claims none of them)
+    dense_restore = "source"
     label = "EViT"
 
     def __init__(

@@ -191,6 +191,8 @@ def parse_gtp_r(depth: int, r, num_patches: int) -> List[int]:
 @register
 class GTP(ReductionMethod):
     name = "gtp"
+    #: dense map: a propagated token leaves its features at propagation time
+    dense_restore = "source"
 
     def __init__(
         self,

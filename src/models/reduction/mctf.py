@@ -220,6 +220,8 @@ def merge_plan(
 @register
 class MCTF(ReductionMethod):
     name = "mctf"
+    #: dense map: fused patches take the final features of the token they were fused into
+    dense_restore = "source"
 
     def __init__(
         self,

@@ -104,6 +104,8 @@ def crucial_plan(x: Tensor, crucial: Tensor, rest: Tensor) -> Tuple[Tensor, Tens
 @register
 class MSTM(KeepRateMethod):
     name = "mstm"
+    #: dense map: merged patches take the final features of their crucial token
+    dense_restore = "source"
     module_names = (FUSION_ATTR,)
     label = "MSTM"
 

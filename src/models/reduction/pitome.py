@@ -170,6 +170,8 @@ class PiToMe(ReductionMethod):
     """Energy-based merging in every block; `ratio` of the patch tokens kept per block."""
 
     name = "pitome"
+    #: dense map: merged patches take the final features of the token they were merged into
+    dense_restore = "source"
     module_names = ()
     static_schedule = True  # every block's count follows from the token count alone
     exportable = True

@@ -61,6 +61,8 @@ def significance(res: AttentionResult, p: int) -> Tensor:
 @register
 class PPT(ReductionMethod):
     name = "ppt"
+    #: dense map: pooled patches take their pooled token's final features, pruned ones their last features
+    dense_restore = "source"
     needs_class_token = True
 
     def __init__(

@@ -26,7 +26,9 @@ STViT-R (``recover=True``): after the last block the image tokens that entered t
 (the queries) attend to the final semantic tokens (keys/values) in one new block, as the Swin
 code's recovery ``Block(x, semantic_token)`` (separate q / kv projections, LayerScale 1e-5), and
 the restored (B, C, H, W) map is left in ``state.extras["recovered"]`` for dense heads
-(src/models/detection.py). The recovery block is initialised from the last pretrained block.
+(src/models/detection.py); it is also the ``state.dense_map`` of ``forward_tokens(x, dense=True)``
+(``dense_restore = "own"``), which plain STViT (``recover=False``) refuses. The recovery block is
+initialised from the last pretrained block.
 
 New modules (full learning rate): ``stvit_centre`` (the global centre) and ``stvit_recover``.
 """
@@ -161,6 +163,8 @@ def _pool_size(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
 class STViT(ReductionMethod):
     name = "stvit"
     module_names = ("stvit_centre", "stvit_recover")
+    #: dense map: STViT-R's recovered map (its recovery block); plain STViT has none (check_dense)
+    dense_restore = "own"
 
     def __init__(
         self,
@@ -262,6 +266,23 @@ class STViT(ReductionMethod):
             state.extras["recovered"] = restored.transpose(1, 2).reshape(B, C, *state.grid_size)
         state.extras.pop("stvit_image_source", None)
         return state
+
+    # --- dense map ------------------------------------------------------------------------------
+    def check_dense(self) -> None:
+        if not self.recover:
+            raise ReductionConfigError(
+                "STViT keeps only its semantic tokens after the generation blocks, so it has no map of the patch "
+                "grid for a dense head; STViT-R restores one: apply_reduction(vit, 'stvit', recover=True, ...)"
+            )
+
+    def dense_map(self, state: TokenState) -> Tensor:
+        """STViT-R's recovered map (its recovery block runs after the last block; the final norm is skipped)."""
+        recovered = state.extras.get("recovered")
+        if recovered is None:
+            raise ValueError(
+                "STViT-R's recovered map is made after the last block; a pass stopped early (last_block) has none"
+            )
+        return recovered
 
     def new_module_names(self) -> List[str]:
         return (["stvit_centre"] if self.global_centre else []) + (["stvit_recover"] if self.recover else [])

@@ -95,6 +95,8 @@ class ToFu(ReductionMethod):
     """ToMe matching in every block, then pruning or MLERP merging per block; `ratio` of tokens kept."""
 
     name = "tofu"
+    #: dense map: merged and pruned patches take the final features of their matched B token (source map)
+    dense_restore = "source"
     module_names = ()
     static_schedule = True  # every block's count follows from the token count alone
     exportable = True

@@ -169,6 +169,8 @@ def merge_wavg(merge: Callable, x: Tensor, size: Tensor | None) -> Tuple[Tensor,
 @register
 class ToMe(ReductionMethod):
     name = "tome"
+    #: dense map: merged patches take the final features of the token they were merged into
+    dense_restore = "source"
 
     def __init__(self, model, r: RSpec = 0, prop_attn: bool = True):
         self.depth = len(model.blocks)
