@@ -338,6 +338,8 @@ GOOD_CONFIGS = (
     + [[f"debug={d}"] for d in _names("debug")]
     + [["model=deit_s", f"debug={d}"] for d in _names("debug")]
     + [["train=false"]]
+    + [["task=detection"], ["task=detection", "model=stvit_swin_t", "method=none", "data=coco", "data.root=/coco"]]
+    + [["task=detection", f"method={m}"] for m in _names("method")]
 )
 
 

@@ -264,12 +264,15 @@ TOP: Dict[str, Spec] = {
     "budget": NULL | MAPPING,
     "hydra": MAPPING,
     "compile": MAPPING,
+    "task": MAPPING,
 }
 
 GROUPS: Dict[str, Dict[str, Spec]] = {
     "optim": {  # conf/optim/<name>.yaml; keys without a rule here are checked against the optimizer's signature
         "name": (OPTIMIZER, "choose one with optim=adamw|sgd or set optim.name"),
-        "sched": (one_of("cosine", "tanh", "constant"), "timm's schedulers, stepped per optimizer step"),
+        "sched": (one_of("cosine", "tanh", "constant", "multistep"), "timm's schedulers, stepped per optimizer step"),
+        "decay_epochs": (NULL | list_of(POS_NUM, min_len=1), "sched=multistep: epochs at which the lr drops"),
+        "decay_rate": (num(0, 1, lo_open=True, hi_open=True), "sched=multistep: the lr's factor at each drop"),
         "lr": (POS_NUM, "the peak learning rate for optim.lr_base_batch images, scaled by the global batch"),
         "lr_base_batch": (POS_INT, "the global batch optim.lr is given for"),
         "weight_decay": (NONNEG_NUM, "AdamW's decoupled weight decay"),
@@ -331,6 +334,14 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
         "kwargs": (NULL | MAPPING, "further timm.create_model arguments"),
         "data_config": (NULL | MAPPING, "preprocessing (mean, std, interpolation, crop_pct) over timm's"),
         "bootstrap": MAPPING,
+        "baseline": (NULL | TEXT, "the unreduced timm model a detection run compares a features_only backbone with"),
+    },
+    "task": {  # conf/task/<name>.yaml
+        "name": (one_of("classification", "detection"), "choose it with task=classification|detection"),
+        "monitor": (TEXT, "the logged metric the best checkpoint maximises, e.g. val/top1, val/box_map"),
+        "mask_threshold": (num(0, 1, lo_open=True, hi_open=True), "mask probability above which a pixel is in"),
+        "input_size": (NULL | list_of(POS_INT, length=2), "[height, width] of the GMACs count and the timing"),
+        "head": (NULL | MAPPING, "Mask R-CNN sizes: src/models/detector.py HEAD_DEFAULTS"),
     },
     "model.bootstrap": {  # how run() trains the quickstart teacher
         "enabled": BOOL,
@@ -645,7 +656,7 @@ def _check_groups(cfg: DictConfig) -> None:
     optim = cfg.get("optim")
     if isinstance(optim, DictConfig):
         _check_node(optim, "optim", GROUPS["optim"], known=set(GROUPS["optim"]) | _optimizer_keys(optim), what="optim")
-    for group in ("distill", "ema", "compile", "profile", "budget", "model", "method"):
+    for group in ("distill", "ema", "compile", "profile", "budget", "model", "method", "task"):
         _check_node(cfg.get(group), group, GROUPS[group])
     model = cfg.get("model")
     if isinstance(model, DictConfig):
@@ -729,6 +740,15 @@ def _check_cross(cfg: DictConfig) -> None:
                     f"optim.{key}={_fmt(_val(cfg, f'optim.{key}'))} cannot be used with optim.name={name} "
                     f"({info.description}); remove it (~optim.{key}) or choose an optimizer that takes it"
                 )
+
+    # task=detection: the Mask R-CNN sizes build_detector knows
+    head = _val(cfg, "task.head")
+    if isinstance(head, DictConfig):
+        from src.models.detector import HEAD_DEFAULTS
+
+        for key in head:
+            if key not in HEAD_DEFAULTS:
+                _fail(f"task.head.{key} is not a Mask R-CNN setting; the settings are {sorted(HEAD_DEFAULTS)}")
 
     # data <-> model
     for key in ("img_size", "in_chans"):

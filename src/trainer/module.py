@@ -42,7 +42,8 @@ from src.models.reduction.base import unreduced_copy
 
 Tensor = torch.Tensor
 DISTILL_TYPES = ("none", "soft", "hard")
-OPTIM_SCHEDULES = ("cosine", "tanh", "constant")  # timm create_scheduler_v2 names that need no extra settings
+# timm create_scheduler_v2 names; multistep divides the lr by 1 / optim.decay_rate at optim.decay_epochs
+OPTIM_SCHEDULES = ("cosine", "tanh", "constant", "multistep")
 # optim keys this module reads itself; every other key of the optim config is an argument of the
 # optimizer (betas and eps of AdamW, momentum of SGD, ...)
 OPTIM_KEYS = (
@@ -57,6 +58,8 @@ OPTIM_KEYS = (
     "backbone_lr_scale",
     "backbone_freeze_epochs",
     "frozen_params",
+    "decay_epochs",
+    "decay_rate",
 )
 
 
@@ -131,7 +134,74 @@ def freeze_parameters(model: nn.Module, names) -> None:
             params[n].requires_grad_(False)
 
 
-class ReductionModule(L.LightningModule):
+class ScheduledOptimization:
+    """The optimiser and learning-rate schedule of every task's LightningModule, from the optim config:
+    a module sets ``optim_cfg`` and ``batch_size`` and says how its parameters split
+    (``param_groups(weight_decay)``: groups tagged "backbone" or "new")."""
+
+    optim_cfg: Dict[str, Any]
+    batch_size: int
+
+    # --- optimisation --------------------------------------------------------------------------
+    def effective_lr(self) -> float:
+        """optim.lr is given for optim.lr_base_batch images; scale it with the global batch."""
+        trainer = self.trainer
+        global_batch = trainer.world_size * self.batch_size * trainer.accumulate_grad_batches
+        return float(self.optim_cfg.get("lr", 5e-4)) * global_batch / float(self.optim_cfg.get("lr_base_batch", 512))
+
+    def _lr_scale(self, part: str, epoch: int) -> float:
+        if part == "new":
+            return 1.0
+        if epoch < int(self.optim_cfg.get("backbone_freeze_epochs", 0)):
+            return 0.0  # frozen: lr 0 changes nothing (AdamW's decoupled decay is lr-scaled too)
+        return float(self.optim_cfg.get("backbone_lr_scale", 1.0))
+
+    def configure_optimizers(self):
+        """timm's optimizer factory (optim.name: adamw, sgd, lamb, ...; the other optim keys that are not
+        ours go to the optimizer) and scheduler factory, stepped per optimizer step: the schedule's
+        unit is one step (updates_per_epoch=1), so warmup and cosine are exact for any epoch length."""
+        cfg = self.optim_cfg
+        wd = float(cfg.get("weight_decay", 0.05))
+        kwargs = {k: (tuple(v) if k == "betas" else v) for k, v in cfg.items() if k not in OPTIM_KEYS}
+        kwargs.setdefault("betas", (0.9, 0.999))
+        kwargs.setdefault("eps", 1e-8)  # both dropped by timm for optimizers without them (SGD)
+        optimizer = create_optimizer_v2(
+            self.param_groups(wd), opt=str(cfg.get("name", "adamw")), lr=self.effective_lr(), weight_decay=wd, **kwargs
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / max(1, int(self.trainer.max_epochs or 1))
+        sched = str(cfg.get("sched", "cosine"))
+        if sched not in OPTIM_SCHEDULES:
+            raise ReductionConfigError(f"optim.sched must be one of {OPTIM_SCHEDULES}, got {sched!r}")
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=sched,
+            num_epochs=total,
+            step_on_epochs=False,
+            updates_per_epoch=1,
+            warmup_epochs=int(round(float(cfg.get("warmup_epochs", 0)) * per_epoch)),
+            warmup_lr=float(cfg.get("warmup_lr", 1e-6)),
+            min_lr=float(cfg.get("min_lr", 1e-5)),
+            warmup_prefix=False,  # DeiT's and timm's convention: the cosine spans all steps, warmup included
+            # multistep (the detection recipes' 3x schedule): milestones in steps, like every unit here
+            decay_milestones=[int(round(float(e) * per_epoch)) for e in cfg.get("decay_epochs") or []] or (90, 180),
+            decay_rate=float(cfg.get("decay_rate", 0.1)),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_train_epoch_start(self) -> None:
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        for group in opt.param_groups:
+            group["lr_scale"] = self._lr_scale(group["group"], self.current_epoch)
+        self.lr_schedulers().step_update(num_updates=self.global_step)
+        self.log("train/lr", opt.param_groups[-1]["lr"] if opt.param_groups else 0.0, on_step=False, on_epoch=True)
+
+
+class ReductionModule(ScheduledOptimization, L.LightningModule):
     """Student (backbone + reduction) and frozen teacher; see the module docstring for the loss.
 
     `student`: the model with its method applied and its final weights loaded, as
@@ -322,13 +392,7 @@ class ReductionModule(L.LightningModule):
             self.teacher_val_top1 = float(self.teacher_top1.compute())
             self.teacher_val_done = True
 
-    # --- optimisation --------------------------------------------------------------------------
-    def effective_lr(self) -> float:
-        """optim.lr is given for optim.lr_base_batch images; scale it with the global batch."""
-        trainer = self.trainer
-        global_batch = trainer.world_size * self.batch_size * trainer.accumulate_grad_batches
-        return float(self.optim_cfg.get("lr", 5e-4)) * global_batch / float(self.optim_cfg.get("lr_base_batch", 512))
-
+    # --- optimisation (the schedule: ScheduledOptimization) ------------------------------------
     def param_groups(self, weight_decay: float) -> List[dict]:
         """Method modules at full lr, the backbone at backbone_lr_scale (this split is ours: timm has
         no notion of a method's new modules); within each part timm's `param_groups_weight_decay` says
@@ -345,54 +409,6 @@ class ReductionModule(L.LightningModule):
             for group in param_groups_weight_decay(_Named(named), weight_decay=weight_decay, no_weight_decay_list=skip):
                 groups.append({**group, "group": part, "lr_scale": self._lr_scale(part, epoch=0)})
         return groups
-
-    def _lr_scale(self, part: str, epoch: int) -> float:
-        if part == "new":
-            return 1.0
-        if epoch < int(self.optim_cfg.get("backbone_freeze_epochs", 0)):
-            return 0.0  # frozen: lr 0 changes nothing (AdamW's decoupled decay is lr-scaled too)
-        return float(self.optim_cfg.get("backbone_lr_scale", 1.0))
-
-    def configure_optimizers(self):
-        """timm's optimizer factory (optim.name: adamw, sgd, lamb, ...; the other optim keys that are not
-        ours go to the optimizer) and scheduler factory, stepped per optimizer step: the schedule's
-        unit is one step (updates_per_epoch=1), so warmup and cosine are exact for any epoch length."""
-        cfg = self.optim_cfg
-        wd = float(cfg.get("weight_decay", 0.05))
-        kwargs = {k: (tuple(v) if k == "betas" else v) for k, v in cfg.items() if k not in OPTIM_KEYS}
-        kwargs.setdefault("betas", (0.9, 0.999))
-        kwargs.setdefault("eps", 1e-8)  # both dropped by timm for optimizers without them (SGD)
-        optimizer = create_optimizer_v2(
-            self.param_groups(wd), opt=str(cfg.get("name", "adamw")), lr=self.effective_lr(), weight_decay=wd, **kwargs
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = total / max(1, int(self.trainer.max_epochs or 1))
-        sched = str(cfg.get("sched", "cosine"))
-        if sched not in OPTIM_SCHEDULES:
-            raise ReductionConfigError(f"optim.sched must be one of {OPTIM_SCHEDULES}, got {sched!r}")
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
-            sched=sched,
-            num_epochs=total,
-            step_on_epochs=False,
-            updates_per_epoch=1,
-            warmup_epochs=int(round(float(cfg.get("warmup_epochs", 0)) * per_epoch)),
-            warmup_lr=float(cfg.get("warmup_lr", 1e-6)),
-            min_lr=float(cfg.get("min_lr", 1e-5)),
-            warmup_prefix=False,  # DeiT's and timm's convention: the cosine spans all steps, warmup included
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        scheduler.step_update(num_updates=self.global_step)
-
-    def on_train_epoch_start(self) -> None:
-        opt = self.optimizers()
-        opt = getattr(opt, "optimizer", opt)
-        for group in opt.param_groups:
-            group["lr_scale"] = self._lr_scale(group["group"], self.current_epoch)
-        self.lr_schedulers().step_update(num_updates=self.global_step)
-        self.log("train/lr", opt.param_groups[-1]["lr"] if opt.param_groups else 0.0, on_step=False, on_epoch=True)
 
     # --- checkpoints: the teacher is rebuilt from the config, never stored; EMA apart ----------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -416,6 +432,7 @@ class ReductionModule(L.LightningModule):
 __all__ = [
     "PercentAccuracy",
     "ReductionModule",
+    "ScheduledOptimization",
     "distillation_loss",
     "freeze_parameters",
     "reduce_backbone",

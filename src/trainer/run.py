@@ -108,14 +108,16 @@ class PhaseProgress(Callback):
             return
         done, total = trainer.current_epoch + 1, int(trainer.max_epochs or 0)
         per_epoch = (time.monotonic() - self._start) / max(1, done - self._first_epoch)
-        top1, loss = trainer.callback_metrics.get("val/top1"), trainer.callback_metrics.get("train/loss_epoch")
+        metrics = trainer.callback_metrics
+        top1, box, loss = metrics.get("val/top1"), metrics.get("val/box_map"), metrics.get("train/loss_epoch")
         log.info(
-            "%s: epoch %d/%d%s%s, %s per epoch%s",
+            "%s: epoch %d/%d%s%s%s, %s per epoch%s",
             self.what,
             done,
             total,
             f", train loss {float(loss):.3f}" if loss is not None else "",
             f", val top-1 {float(top1):.2f}%" if top1 is not None else "",
+            f", val box AP {float(box):.2f}, mask AP {float(metrics['val/mask_map']):.2f}" if box is not None else "",
             _duration(per_epoch),
             f", about {_duration(per_epoch * (total - done))} left" if total > done else "",
         )
@@ -129,7 +131,17 @@ def plain(node: Any) -> Any:
     )
 
 
+def is_detection(cfg: DictConfig) -> bool:
+    return str((cfg.get("task") or {}).get("name", "classification")) == "detection"
+
+
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    for key in cfg.data:  # a required setting left at ??? (data.root of data=folder / imagenet / coco)
+        if OmegaConf.is_missing(cfg.data, key):
+            raise DataError(
+                f"data.{key} is required by data={str(cfg.data.get('_target_', '?')).rsplit('.', 1)[-1]} and not "
+                f"set; give it on the command line, e.g. data.{key}=/path/to/the/dataset"
+            )
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("mixup", None)
     dm = hydra.utils.instantiate(data_cfg)
@@ -232,7 +244,8 @@ def build_callbacks(cfg: DictConfig) -> List[Any]:
     callbacks = [
         hydra.utils.instantiate(c) for _, c in (cfg.get("callbacks") or {}).items() if c is not None and "_target_" in c
     ]
-    tokens = token_images_callback(plain(cfg.get("logger")))  # logger=wandb: token pictures
+    # logger=wandb: token pictures of the classifier's tokens (not drawn for detection)
+    tokens = None if is_detection(cfg) else token_images_callback(plain(cfg.get("logger")))
     return callbacks + ([tokens] if tokens is not None else [])
 
 
@@ -446,19 +459,29 @@ def summarise(
     best_ckpt: Optional[str],
     last_ckpt: Optional[str],
 ) -> Dict[str, Any]:
+    detection = not hasattr(module, "teacher")  # DetectionModule: scores from its metrics, no teacher
+    scores = (
+        module.summary_metrics(metrics)
+        if detection
+        else {
+            "teacher_val_top1": module.teacher_val_top1,
+            "student_val_top1": metrics.get("val/top1"),
+            "student_val_top5": metrics.get("val/top5"),
+            "ema_val_top1": metrics.get("val/ema_top1"),
+        }
+    )
+    trunk = module.trunk if detection else module.student
     summary = {
+        "task": "detection" if detection else "classification",
         "model": cfg.model.name,
         "method": cfg.method.name,
         # what the model is: the config's display name (the quickstart's model.name is only the timm
         # class it is built from) and the architecture read off the built model
         "model_display_name": cfg.model.get("display_name") or cfg.model.name,
-        "architecture": describe_architecture(module.teacher),
-        "method_params": describe_method(module.student),
+        "architecture": describe_architecture(trunk if detection else module.teacher),
+        "method_params": describe_method(trunk),
         "train": bool(cfg.train),
-        "teacher_val_top1": module.teacher_val_top1,
-        "student_val_top1": metrics.get("val/top1"),
-        "student_val_top5": metrics.get("val/top5"),
-        "ema_val_top1": metrics.get("val/ema_top1"),
+        **scores,
         # the method's own metrics of the last epoch, e.g. DynamicViT's train/val keep ratios and targets
         **{k.replace("/", "_"): metrics[k] for k in sorted(module.method_metric_keys) if k in metrics},
         **prof,
@@ -479,38 +502,38 @@ def format_summary(s: Dict[str, Any]) -> str:
     def num(v, fmt, unit=""):
         return "n/a" if v is None else format(v, fmt) + unit
 
-    t1, s1 = s.get("teacher_val_top1"), s.get("student_val_top1")
     profiled = s.get("student_gmacs") is not None and s.get("teacher_gmacs")
-    rows = [("", "val top-1", "GMACs", "images/s")]
-    rows.append(
-        (
-            "teacher (unreduced)",
-            num(t1, ".2f", "%"),
-            num(s.get("teacher_gmacs"), ".4g") if profiled else "n/a",
-            num(s.get("teacher_throughput"), ",.0f") if profiled else "n/a",
-        )
+    if s.get("task") == "detection":  # the unreduced detector is only profiled, not trained
+        scores = [("val box AP", None, "student_val_box_map"), ("val mask AP", None, "student_val_mask_map")]
+        names = ("unreduced backbone", f"reduced ({s['method']})", "reduced vs unreduced", "backbone GMACs")
+    else:
+        scores = [("val top-1", "teacher_val_top1", "student_val_top1")]
+        names = ("teacher (unreduced)", f"student ({s['method']})", "student vs teacher", "GMACs")
+    rows = [("", *(title for title, _, _ in scores), names[3], "images/s")]
+    cost = lambda who: (  # noqa: E731
+        num(s.get(f"{who}_gmacs"), ".4g") if profiled else "n/a",
+        # a detector at 800x1344 on a CPU runs below one image per second: three significant digits
+        num(s.get(f"{who}_throughput"), ",.0f" if (s.get(f"{who}_throughput") or 0) >= 100 else ".3g")
+        if profiled
+        else "n/a",
     )
     rows.append(
-        (
-            f"student ({s['method']})",
-            num(s1, ".2f", "%"),
-            num(s.get("student_gmacs"), ".4g") if profiled else "n/a",
-            num(s.get("student_throughput"), ",.0f") if profiled else "n/a",
-        )
+        (names[0], *(num(s.get(t) if t else None, ".2f", "%" if t else "") for _, t, _ in scores), *cost("teacher"))
     )
+    rows.append((names[1], *(num(s.get(k), ".2f", "%" if t else "") for _, t, k in scores), *cost("student")))
     if s.get("ema_val_top1") is not None:
         rows.append(("student EMA", num(s["ema_val_top1"], ".2f", "%"), "", ""))
     rows.append(
         (
-            "student vs teacher",
-            "n/a" if t1 is None or s1 is None else f"{s1 - t1:+.2f}",
+            names[2],
+            *("n/a" if not t or s.get(t) is None or s.get(k) is None else f"{s[k] - s[t]:+.2f}" for _, t, k in scores),
             f"{s['student_gmacs'] / s['teacher_gmacs']:.2f}x" if profiled else "n/a",
             f"{s['student_throughput'] / s['teacher_throughput']:.2f}x"
             if profiled and s.get("teacher_throughput")
             else "n/a",
         )
     )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = [
         "  " + "   ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
     ]
@@ -520,7 +543,8 @@ def format_summary(s: Dict[str, Any]) -> str:
     out += table
     if profiled:
         notes = [
-            f"images/s measured side by side on {s.get('throughput_device', '?')}"
+            (f"backbone GMACs at {'x'.join(map(str, s['gmacs_input_size']))}; " if s.get("gmacs_input_size") else "")
+            + f"images/s measured side by side on {s.get('throughput_device', '?')}"
             + (f", batch {s['throughput_batch']:.0f}" if s.get("throughput_batch") else "")
         ]
         if s.get("student_side_gmacs"):
@@ -585,17 +609,24 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.get("ckpt_path") not in (None, "last") and not Path(str(cfg.ckpt_path)).expanduser().is_file():
         raise WeightsError(f"ckpt_path={cfg.ckpt_path} is not a file; give the last.ckpt of the run to resume")
     dm = unpadded_validation(build_datamodule(cfg))  # data errors before any model is built; exact DDP val
-    check_config(cfg)  # size / method / callback errors before weights or a quickstart teacher
-    checkpoint = _weights_source(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg, checkpoint=checkpoint)
-    compile_models(module, cfg)
+    baseline = None
+    if is_detection(cfg):
+        from .detection import build_detection
+
+        # the weights come with the build (timm pretrained or model.checkpoint): no teacher to bootstrap
+        module, baseline = build_detection(cfg, num_classes=dm.num_classes)
+    else:
+        check_config(cfg)  # size / method / callback errors before weights or a quickstart teacher
+        checkpoint = _weights_source(cfg)
+        if cfg.get("seed") is not None:
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = build_module(cfg, checkpoint=checkpoint)
+        compile_models(module, cfg)
 
     loggers = build_loggers(cfg)
     status = "failed"
     try:  # the loggers are closed (a W&B run finished) however the run ends
-        summary = _fit_and_summarise(cfg, module, dm, loggers)
+        summary = _fit_and_summarise(cfg, module, dm, loggers, baseline)
         status = "success"
     except KeyboardInterrupt:
         status = "aborted"
@@ -607,19 +638,28 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     return summary
 
 
-def _fit_and_summarise(cfg: DictConfig, module: ReductionModule, dm, loggers: List[Any]) -> Dict[str, Any]:
+def _fit_and_summarise(cfg: DictConfig, module, dm, loggers: List[Any], baseline=None) -> Dict[str, Any]:
+    """`module`: a ReductionModule, or a DetectionModule with its unreduced `baseline` detector."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(resolved)
+    detection = baseline is not None
     # profiled once, by the global rank 0 (the only one that writes the summary)
-    prof: Dict[str, Any] = (
-        profile(module, cfg) if cfg.get("profile", {}).get("enabled", True) and is_global_zero() else {}
-    )
+    prof: Dict[str, Any] = {}
+    if cfg.get("profile", {}).get("enabled", True) and is_global_zero():
+        if detection:
+            from .detection import profile_detection
+
+            prof = profile_detection(module, baseline, cfg)
+        else:
+            prof = profile(module, cfg)
     for lg in loggers:
         lg.log_metrics({f"profile/{k}": v for k, v in prof.items() if isinstance(v, float)}, step=0)
     if prof:
         log.info(
-            "Profile: teacher %.4g GMACs, %.0f images/s; student %.4g GMACs, %.0f images/s (%.2fx)",
+            "Profile: unreduced %.4g backbone GMACs, %.3g images/s; reduced %.4g, %.3g images/s (%.2fx)"
+            if detection
+            else "Profile: teacher %.4g GMACs, %.0f images/s; student %.4g GMACs, %.0f images/s (%.2fx)",
             prof["teacher_gmacs"],
             prof["teacher_throughput"],
             prof["student_gmacs"],
@@ -627,21 +667,25 @@ def _fit_and_summarise(cfg: DictConfig, module: ReductionModule, dm, loggers: Li
             prof["student_throughput"] / prof["teacher_throughput"],
         )
 
-    callbacks = (build_callbacks(cfg) + [PhaseProgress("student")]) if cfg.train else []
+    callbacks = (build_callbacks(cfg) + [PhaseProgress("detector" if detection else "student")]) if cfg.train else []
     trainer = build_trainer(cfg, loggers, callbacks)
     best = last = None
     if cfg.train:
-        log.info(
-            "Finetuning the reduced student for %d epochs (%s)",
-            int(cfg.trainer.max_epochs),
-            f"distillation: {cfg.distill.type}" if cfg.get("distill") else "no distillation",
-        )
+        if detection:
+            log.info("Training the detector (%s) for %d epochs", describe_method(module.trunk), cfg.trainer.max_epochs)
+        else:
+            log.info(
+                "Finetuning the reduced student for %d epochs (%s)",
+                int(cfg.trainer.max_epochs),
+                f"distillation: {cfg.distill.type}" if cfg.get("distill") else "no distillation",
+            )
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is not None:
             best, last = ckpt_cb.best_model_path or None, ckpt_cb.last_model_path or None
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
-        if module.teacher_val_top1 is None:  # e.g. resumed after the last epoch
+        # e.g. resumed after the last epoch: nothing validated in this process
+        if (module.teacher_val_top1 is None and not detection) or str(cfg.task.monitor) not in metrics:
             metrics.update({k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()})
     else:
         metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()}

@@ -1,0 +1,252 @@
+"""task=detection: Mask R-CNN over a reduced ViT or the STViT-R Swin backbone, built from the config,
+trained and evaluated through train.py (COCO box and mask mAP, backbone GMACs, side-by-side timing)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import src  # noqa: F401
+from src.models.detector import backbone_trunk, build_detector
+from src.models.profile import count_gmacs
+from src.models.reduction import ReductionConfigError
+from src.trainer.config_check import ConfigValueError, check_values
+from src.trainer.detection import DetectionModule
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_VIT = dict(
+    name="vit_tiny_patch16_224",
+    pretrained=False,
+    num_classes=10,
+    img_size=64,
+    in_chans=3,
+    drop_path_rate=0.0,
+    kwargs=dict(patch_size=8, embed_dim=48, depth=4, num_heads=3),
+)
+SMALL_HEAD = dict(fpn_channels=32, box_head_dim=64, mask_head_dim=16, box_batch_size_per_image=32)
+
+
+def _targets(sizes):
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        masks = torch.zeros(1, h, w, dtype=torch.uint8)
+        masks[0, 8:30, 10:40] = 1
+        out.append({"boxes": torch.tensor([[10.0, 8.0, 40.0, 30.0]]), "labels": torch.tensor([1 + i]), "masks": masks})
+    return out
+
+
+def _compose(*overrides):
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+# --- the detector --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,params", [("none", {}), ("tome", {"r": 8}), ("evit", {"keep_rate": 0.5})])
+def test_vit_detector_trains_and_detects(method, params):
+    torch.manual_seed(0)
+    det, base = build_detector(SMALL_VIT, method, params, None, num_classes=3, head=SMALL_HEAD)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]  # any multiple of the patch size
+    det.train()
+    losses = det(images, _targets([(64, 64), (48, 64)]))
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    trunk = backbone_trunk(det)
+    assert trunk.patch_embed.proj.weight.grad is not None  # the loss reaches the ViT through the dense map
+    det.eval()
+    with torch.no_grad():
+        out = det(images)
+    assert len(out) == 2 and out[1]["masks"].shape[-2:] == (48, 64)
+    # the baseline: same pyramid and heads (shared objects), the unreduced ViT with the same weights
+    assert base.roi_heads is det.roi_heads and base.rpn is det.rpn
+    assert base.backbone.levels is det.backbone.levels
+    plain = backbone_trunk(base)
+    assert getattr(plain, "reduction", None) is None or plain.reduction.name == "none"
+    assert torch.equal(plain.patch_embed.proj.weight, trunk.patch_embed.proj.weight)
+    ours, ref = count_gmacs(trunk, (64, 64)), count_gmacs(plain, (64, 64))
+    assert (ours < ref) if method != "none" else (ours == ref), (ours, ref)
+
+
+def test_swin_detector_against_its_swin_baseline():
+    cfg = _compose("task=detection", "model=stvit_swin_t", "method=none", "data=scenes")
+    torch.manual_seed(0)
+    from src.trainer.run import plain
+
+    det, base = build_detector(plain(cfg.model), "none", None, None, num_classes=10, head=SMALL_HEAD)
+    assert type(backbone_trunk(det)).__name__ == "STViTRSwinDet"
+    assert type(backbone_trunk(base)).__name__ == "FeatureListNet"  # timm's Swin-T, features_only
+    assert base.backbone.fpn is det.backbone.fpn
+    ours, ref = count_gmacs(backbone_trunk(det), (224, 320)), count_gmacs(backbone_trunk(base), (224, 320))
+    assert (round(ours, 3), round(ref, 3)) == (5.408, 6.642)  # the counts of tests/test_stvit_swin_det.py
+    det.eval(), base.eval()
+    with torch.no_grad():
+        for model in (det, base):
+            out = model([torch.rand(3, 96, 128)])
+            assert out[0]["boxes"].shape[-1] == 4
+
+
+def test_a_method_on_a_features_only_backbone_is_refused():
+    cfg = _compose("task=detection", "model=stvit_swin_t", "method=tome", "data=scenes")
+    from src.trainer.run import plain
+
+    with pytest.raises(ReductionConfigError, match="method=none"):
+        build_detector(plain(cfg.model), "tome", {}, None, num_classes=10)
+
+
+def test_param_groups_split_trunk_and_heads():
+    det, _ = build_detector(SMALL_VIT, "tome", {"r": 4}, None, num_classes=2, head=SMALL_HEAD)
+    module = DetectionModule(det, optim={"backbone_lr_scale": 0.1}, num_classes=2)
+    assert {k.split(".")[0] for k in module.state_dict()} == {"detector"}  # each weight saved once
+    groups = module.param_groups(0.05)
+    ids = {part: {id(p) for g in groups if g["group"] == part for p in g["params"]} for part in ("backbone", "new")}
+    assert ids["backbone"] == {id(p) for p in backbone_trunk(det).parameters()}
+    assert ids["backbone"] | ids["new"] == {id(p) for p in det.parameters()}
+    assert {g["lr_scale"] for g in groups if g["group"] == "backbone"} == {0.1}
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(backbone_trunk(det).pos_embed) in no_decay and id(det.roi_heads.box_head.fc6.bias) in no_decay
+
+
+def test_validation_scores_in_the_files_pixels_and_perfect_predictions_score_100():
+    det, _ = build_detector(SMALL_VIT, "none", {}, None, num_classes=3, head=SMALL_HEAD)
+    module = DetectionModule(det, num_classes=3)
+    image = torch.rand(3, 64, 96)  # resized by the DataModule from a 32x48 file
+    masks = torch.zeros(2, 64, 96, dtype=torch.uint8)
+    masks[0, 4:20, 8:40], masks[1, 30:60, 50:90] = 1, 1
+    target = {
+        "boxes": torch.tensor([[8.0, 4.0, 40.0, 20.0], [50.0, 30.0, 90.0, 60.0]]),
+        "labels": torch.tensor([1, 3]),
+        "masks": masks,
+        "orig_size": [32, 48],
+    }
+    perfect = {
+        "boxes": target["boxes"].clone(),
+        "scores": torch.tensor([0.9, 0.8]),
+        "labels": target["labels"].clone(),
+        "masks": masks[:, None].float(),
+    }
+    pred, tgt = module._in_original_pixels(image, perfect, target)
+    assert torch.allclose(tgt["boxes"], torch.tensor([[4.0, 2.0, 20.0, 10.0], [25.0, 15.0, 45.0, 30.0]]))
+    assert tgt["masks"].shape == pred["masks"].shape == (2, 32, 48)
+    assert tgt["masks"].sum() == (16 * 32 + 30 * 40) // 4
+    module.val_map.update([pred], [tgt])
+    result = module.val_map.compute()
+    assert float(result["bbox_map"]) == pytest.approx(1.0) and float(result["segm_map"]) == pytest.approx(1.0)
+
+
+# --- config ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("++task.head.fpn_width=64", "task.head.fpn_width is not a Mask R-CNN setting"),
+        ("task.name=segmentation", "task.name"),
+        ("task.input_size=[800]", "task.input_size"),
+        ("task.mask_threshold=1.5", "task.mask_threshold"),
+        ("optim.sched=multistep +optim.decay_rate=2", "optim.decay_rate"),
+    ],
+)
+def test_bad_task_settings_fail_before_work(override, message):
+    cfg = _compose("task=detection", *override.split())
+    with pytest.raises(ConfigValueError, match=message.replace("[", r"\[")):
+        check_values(cfg, environment=False)
+
+
+def test_recipes_compose_and_check():
+    for name in ("stvit_r_mask_rcnn_swin_t_3x", "stvit_r_mask_rcnn_swin_s_3x", "swin_mask_rcnn_swin_t_3x"):
+        cfg = _compose(f"experiment={name}", "data.root=/data/coco")
+        check_values(cfg, environment=False)
+        assert cfg.task.name == "detection" and cfg.method.name == "none"
+        assert cfg.optim.sched == "multistep" and list(cfg.optim.decay_epochs) == [27, 33]
+        assert cfg.callbacks.model_checkpoint.monitor == "val/box_map"
+
+
+# --- end to end: train.py task=detection ------------------------------------------------------------------
+TINY = [
+    "task=detection",
+    # 64 px scenes of small digits, 8 training and 4 validation scenes, one epoch of two steps
+    "data.scene_size=64",
+    "data.digit_sizes=[12,24]",
+    "data.num_train=8",
+    "data.num_val=4",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+    "trainer.max_epochs=1",
+    "trainer.num_sanity_val_steps=0",
+    # small Mask R-CNN heads (the Swin model's defaults are torchvision's full-size ones)
+    "++task.head.fpn_channels=32",
+    "++task.head.box_head_dim=64",
+    "++task.head.mask_head_dim=16",
+    "++task.head.box_batch_size_per_image=32",
+    "++task.head.detections_per_image=10",
+    "profile.rounds=1",
+    "profile.warmup=0",
+]
+
+
+def train(tmp: Path, *overrides, name="run"):
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"paths.log_dir={tmp / 'logs'}",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"hydra.run.dir={tmp / name}",
+        *overrides,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
+    return proc, tmp / name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        ["model.kwargs.depth=3", "model.img_size=64", "method=tome"],  # a reduced ViT: ToMe unmerges
+        ["model=stvit_swin_t", "method=none"],  # STViT-R Swin: four maps into an FPN
+    ],
+    ids=["vit_tome", "stvit_r_swin_t"],
+)
+def test_train_py_detection_end_to_end(tmp_path, backbone):
+    proc, run = train(tmp_path, *TINY, *backbone)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["task"] == "detection"
+    for key in ("student_val_box_map", "student_val_mask_map", "student_val_box_map_50", "student_val_mask_map_50"):
+        assert isinstance(s[key], float) and 0.0 <= s[key] <= 100.0, (key, s[key])
+    assert s["gmacs_input_size"] == [64, 64]  # data.val_scale follows the scene size
+    assert 0 < s["student_gmacs"] < s["teacher_gmacs"], (s["student_gmacs"], s["teacher_gmacs"])
+    assert s["student_throughput"] > 0 and s["teacher_throughput"] > 0
+    assert "val box AP" in proc.stdout and "backbone GMACs" in proc.stdout
+    # the best checkpoint reloads strictly into the detector the config builds
+    ckpt = torch.load(s["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["task"]["name"] == "detection"
+    from src.trainer.detection import build_detection
+
+    module, _ = build_detection(_compose(*TINY, *backbone), num_classes=10, weights=False)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    if backbone[0].startswith("model.kwargs"):
+        # eval.py evaluates the checkpoint: the same mAP as the epoch that wrote it
+        cmd = [sys.executable, str(ROOT / "eval.py"), f"paths.cache_dir={tmp_path / 'cache'}"]
+        cmd += [f"hydra.run.dir={tmp_path / 'eval'}", *TINY, *backbone, f"model.checkpoint={s['best_checkpoint']}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        e = json.loads((tmp_path / "eval" / "summary.json").read_text())
+        assert e["student_val_box_map"] == pytest.approx(s["student_val_box_map"], abs=1e-4)
+        assert e["student_val_mask_map"] == pytest.approx(s["student_val_mask_map"], abs=1e-4)
+        # resuming continues the run (one more epoch)
+        proc, run = train(tmp_path, *TINY, *backbone, "trainer.max_epochs=2", "ckpt_path=last")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "epoch 2/2" in (run / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_train_py_detection_missing_coco_fails_clearly(tmp_path):
+    proc, _ = train(tmp_path, "task=detection", "data=coco", f"data.root={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2
+    assert "data.root" in proc.stderr and "nowhere" in proc.stderr
