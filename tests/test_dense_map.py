@@ -4,13 +4,13 @@ independent computations (source tracing and hooks on the blocks), and ViTDetBac
 import copy
 
 import pytest
-import timm
 import torch
 from timm.models.deit import VisionTransformerDistilled
 
 from src.models import ReductionConfigError, apply_reduction
 from src.models.detection import ViTDetBackbone
 from src.models.reduction import REGISTRY, ReductionMethod
+from tests.test_detection import _vit as detection_vit
 from tests.tiny import images, tiny_vit
 
 # a setting that really removes tokens on the tiny ViT (8x8 patches, 4 blocks), for every method
@@ -300,19 +300,7 @@ def test_dense_pass_compiles_as_one_graph(method):
 
 # --- ViTDetBackbone over every method ----------------------------------------------------------------
 def _det_vit(method):
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=64,
-        patch_size=8,
-        embed_dim=48,
-        depth=4,
-        num_heads=3,
-        num_classes=0,
-        dynamic_img_size=True,
-    )
-    return apply_reduction(vit, method, **REDUCING[method])
+    return apply_reduction(detection_vit("none"), method, **REDUCING[method])  # the bare tiny detection ViT
 
 
 @pytest.mark.parametrize("method", sorted(REDUCING))

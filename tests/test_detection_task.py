@@ -17,6 +17,7 @@ from src.models.profile import count_gmacs
 from src.models.reduction import ReductionConfigError
 from src.trainer.config_check import ConfigValueError, check_values
 from src.trainer.detection import DetectionModule
+from tests.test_train_e2e import train  # train.py as a subprocess, offline
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_VIT = dict(
@@ -187,20 +188,6 @@ TINY = [
     "profile.rounds=1",
     "profile.warmup=0",
 ]
-
-
-def train(tmp: Path, *overrides, name="run"):
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        f"paths.log_dir={tmp / 'logs'}",
-        f"paths.cache_dir={tmp / 'cache'}",
-        f"hydra.run.dir={tmp / name}",
-        *overrides,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
-    return proc, tmp / name
 
 
 @pytest.mark.slow

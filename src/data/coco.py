@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .folder import DataError, resumable_loader, validation_sampler
+from .folder import DataError, resumable_loader, validation_loader
 
 log = logging.getLogger(__name__)
 
@@ -455,24 +455,16 @@ class CocoDetectionDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         """Resumable (`resumable_loader`): each image's scale and flip come from its own seed."""
-        loader = resumable_loader(
-            self.train_set, self.batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+        return resumable_loader(
+            self.train_set,
+            self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_detection,
         )
-        # resumable_loader takes no collate_fn; DataLoader allows setting it before the first iterator
-        loader.collate_fn = collate_detection
-        return loader
 
     def val_dataloader(self) -> DataLoader:
-        # under DDP an unpadded per-rank split (every image counted once), else the plain order
-        return DataLoader(
-            self.val_set,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            sampler=validation_sampler(self.val_set),
-            num_workers=self.num_workers,
-            collate_fn=collate_detection,
-            persistent_workers=self.num_workers > 0,
-        )
+        return validation_loader(self.val_set, self.eval_batch_size, self.num_workers, collate_fn=collate_detection)
 
 
 __all__ = [

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .folder import validation_sampler
+from .folder import validation_loader
 
 # mean / std of these 5,000 digits' pixels in [0, 1] (computed once, rounded; close to full MNIST's)
 DIGITS_MEAN = 0.1307
@@ -152,11 +152,4 @@ class DigitsDataModule(L.LightningDataModule):
         return resumable_loader(self.train_set, self.batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        # under DDP an unpadded per-rank split (every image counted once), else the plain order
-        return DataLoader(
-            self.val_set,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            sampler=validation_sampler(self.val_set),
-            num_workers=self.num_workers,
-        )
+        return validation_loader(self.val_set, self.eval_batch_size, self.num_workers)

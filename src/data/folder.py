@@ -255,6 +255,7 @@ def resumable_loader(
     seed: Optional[int] = None,
     pin_memory: bool = False,
     persistent_workers: bool = False,
+    collate_fn=None,
 ):
     """The training DataLoader: a torchdata `StatefulDataLoader` (Lightning saves its `state_dict()` in
     every checkpoint and loads it on resume) over a `ResumableSampler`, full batches only (timm Mixup
@@ -272,7 +273,23 @@ def resumable_loader(
             num_workers=workers,
             pin_memory=pin_memory,
             persistent_workers=bool(persistent_workers) and workers > 0,
+            collate_fn=collate_fn,
         )
+
+
+def validation_loader(dataset, batch_size: int, num_workers: int = 0, **kwargs: Any) -> DataLoader:
+    """The validation DataLoader of every DataModule: under DDP an unpadded per-rank split (every image
+    counted once, `validation_sampler`), else the plain order. `kwargs`: pin_memory, collate_fn, ..."""
+    workers = int(num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=validation_sampler(dataset),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        **kwargs,
+    )
 
 
 IMAGENET_PREPROCESSING = {
@@ -406,13 +423,4 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        # under DDP an unpadded per-rank split (every image counted once), else the plain order
-        return DataLoader(
-            self.val_set,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            sampler=validation_sampler(self.val_set),
-            num_workers=self.num_workers,
-            pin_memory=True,
-            persistent_workers=self.num_workers > 0,
-        )
+        return validation_loader(self.val_set, self.eval_batch_size, self.num_workers, pin_memory=True)

@@ -41,7 +41,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .backbone import BackboneError, _timm_kwargs, build_model, is_patchable
 from .detection import ViTDetBackbone
-from .reduction import ReductionConfigError
 from .reduction.base import unreduced_copy
 
 Tensor = torch.Tensor
@@ -135,12 +134,8 @@ def build_backbones(
         plain = ViTDetBackbone(unreduced_copy(vit), out_channels)
         plain.norm, plain.levels = backbone.norm, backbone.levels  # shared: only the token path differs
         return backbone, plain
-    if method != "none":
-        raise ReductionConfigError(
-            f"method={method} patches timm VisionTransformers; model={model_cfg['name']} is a features_only "
-            "backbone (STViT-R Swin reduces tokens by its architecture): use method=none"
-        )
-    body, _ = build_model(_features_cfg(model_cfg), "none", weights=weights)
+    # apply_method refuses any method but none on a model that is not a timm ViT
+    body, _ = build_model(_features_cfg(model_cfg), method, params, weights=weights)
     backbone = FeaturePyramid(body, out_channels)
     name = model_cfg.get("baseline") or model_cfg["name"]
     base_body, _ = build_model(_features_cfg(model_cfg, name=name), "none", weights=False)

@@ -21,13 +21,12 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.optim import param_groups_weight_decay
 from torchmetrics.detection import MeanAveragePrecision
 
 from src.models.detector import backbone_trunk
 from src.models.reduction.base import ReductionMethod
 
-from .module import ScheduledOptimization, _Named
+from .module import ScheduledOptimization
 
 Tensor = torch.Tensor
 # the COCO numbers logged per epoch and reported in summary.json (torchmetrics' names after the iou type)
@@ -146,11 +145,7 @@ class DetectionModule(ScheduledOptimization, L.LightningModule):
         parts: Dict[str, list] = {"backbone": [], "new": []}
         for name, p in self.detector.named_parameters():
             parts["backbone" if id(p) in trunk_ids else "new"].append((name, p))
-        groups = []
-        for part, named in parts.items():
-            for group in param_groups_weight_decay(_Named(named), weight_decay=weight_decay, no_weight_decay_list=skip):
-                groups.append({**group, "group": part, "lr_scale": self._lr_scale(part, epoch=0)})
-        return groups
+        return self.tagged_groups(parts, weight_decay, skip)
 
     def summary_metrics(self, metrics: Mapping[str, float]) -> Dict[str, Any]:
         """summary.json's task fields from the logged metrics."""

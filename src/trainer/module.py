@@ -143,6 +143,16 @@ class ScheduledOptimization:
     batch_size: int
 
     # --- optimisation --------------------------------------------------------------------------
+    def tagged_groups(self, parts: Dict[str, list], weight_decay: float, skip: List[str]) -> List[dict]:
+        """Optimizer groups of `parts` ({"backbone" | "new": [(name, parameter), ...]}): within each part
+        timm's `param_groups_weight_decay` says what decays (`skip`: names never decayed); each group is
+        tagged with its part and that part's lr scale."""
+        groups = []
+        for part, named in parts.items():
+            for group in param_groups_weight_decay(_Named(named), weight_decay=weight_decay, no_weight_decay_list=skip):
+                groups.append({**group, "group": part, "lr_scale": self._lr_scale(part, epoch=0)})
+        return groups
+
     def effective_lr(self) -> float:
         """optim.lr is given for optim.lr_base_batch images; scale it with the global batch."""
         trainer = self.trainer
@@ -404,11 +414,7 @@ class ReductionModule(ScheduledOptimization, L.LightningModule):
         parts: Dict[str, list] = {"backbone": [], "new": []}
         for name, p in self.student.named_parameters():
             parts["new" if name.split(".")[0] in new else "backbone"].append((name, p))
-        groups = []
-        for part, named in parts.items():
-            for group in param_groups_weight_decay(_Named(named), weight_decay=weight_decay, no_weight_decay_list=skip):
-                groups.append({**group, "group": part, "lr_scale": self._lr_scale(part, epoch=0)})
-        return groups
+        return self.tagged_groups(parts, weight_decay, skip)
 
     # --- checkpoints: the teacher is rebuilt from the config, never stored; EMA apart ----------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
