@@ -171,13 +171,11 @@ class _NeighbourhoodAttention(_LayerScaled):
         d = C // h
         q = self.attn.q(q_in).reshape(Bn, Nq, h, d).transpose(1, 2)
         k, v = kv.reshape(Bn, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        K = k.shape[2]
-        logits = (q @ k.transpose(-2, -1)) * d**-0.5
-        logits = (logits.reshape(batch, -1, h, Nq, K) + mask.reshape(1, -1, 1, 1, K)).reshape(Bn, h, Nq, K)
-        p = logits.softmax(dim=-1)
-        if self.training and self.attn.attn_drop > 0:
-            p = F.dropout(p, self.attn.attn_drop)
-        return self.attn.proj((p @ v).transpose(1, 2).reshape(Bn, Nq, C))
+        # one fused kernel (scale, mask, softmax, @v): the 49 x 729 logits of recovery are never written out
+        mask = mask.to(q.dtype).reshape(1, -1, 1, 1, k.shape[2]).expand(batch, -1, 1, 1, -1).reshape(Bn, 1, 1, -1)
+        drop = self.attn.attn_drop if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.attn.proj(o.transpose(1, 2).reshape(Bn, Nq, C))
 
 
 class SemanticGenerationBlock(_NeighbourhoodAttention):
