@@ -87,3 +87,20 @@ def test_other_image_and_patch_sizes():
     model = timm.create_model("vit_small_patch32_224", pretrained=False, img_size=160).eval()
     state = apply_reduction(model, "tome", r=2).forward_tokens(torch.randn(1, 3, 160, 160))
     assert state.tokens_per_block[0] == 26 - 2 and state.grid_size == (5, 5)
+
+
+@pytest.mark.parametrize("method", ["tome", "gtp"])
+def test_fraction_r_follows_each_input_size_and_int_r_stays_absolute(method):
+    """dynamic_img_size (the detection task): a fraction r is that fraction of every input's patches
+    (int(f * patches / depth) per block), an int r the same count at every size, as the references."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, depth=4).eval()
+    fraction = apply_reduction(copy.deepcopy(model), method, r=0.5)
+    absolute = apply_reduction(copy.deepcopy(model), method, r=12)
+    with torch.no_grad():
+        for size, patches in (((224, 224), 196), ((320, 480), 600), ((128, 160), 80)):
+            x = torch.randn(1, 3, *size)
+            per_block = int(0.5 * patches / 4)
+            counts = fraction.forward_tokens(x).tokens_per_block
+            assert counts == [1 + patches - per_block * (i + 1) for i in range(4)], (size, counts)
+            counts = absolute.forward_tokens(x).tokens_per_block
+            assert counts == [1 + patches - 12 * (i + 1) for i in range(4)], (size, counts)

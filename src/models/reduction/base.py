@@ -538,6 +538,25 @@ def resolve_r(value, depth: int, num_patches: int, what: str) -> int:
     return value
 
 
+R_KEY = "r"  # state.extras: the per-block counts of this input (counts_for_input)
+
+
+def counts_for_input(spec, counts: List[int], num_patches: int, state: "TokenState", parse: Callable[[int], List[int]]):
+    """The per-block token counts for this input. A fraction (a float `r`) stays a fraction of every
+    input's patches: re-resolved by ``parse(patches)`` when the input has another patch count than the
+    model was built for (dynamic image size: the detection task's 800x1344 images, multi-scale
+    training). Ints are absolute counts at every size, as in the references."""
+    patches = state.num_tokens - state.num_protected
+    return parse(patches) if isinstance(spec, float) and patches != num_patches else counts
+
+
+def describe_counts(spec, counts: List[int], num_patches: int) -> str:
+    """`r` for a method's repr: the counts, and for a fraction what they are (see counts_for_input)."""
+    if isinstance(spec, float):
+        return f"r={spec} of each input's patches ({counts} at {num_patches} patches)"
+    return f"r={counts}"
+
+
 def parse_locations(locations, depth: int, method: str) -> List[int]:
     """A list of distinct 0-based block indices of a `depth`-block model (ints, or fractions of the depth)."""
     if isinstance(locations, (int, float, str)) or not isinstance(locations, Sequence):

@@ -47,11 +47,14 @@ import torch
 from ..profile import side_work
 from .base import (
     NO_REQUEST,
+    R_KEY,
     AttentionRequest,
     AttentionResult,
     ReductionConfigError,
     ReductionMethod,
     TokenState,
+    counts_for_input,
+    describe_counts,
     register,
     resolve_r,
     take_rows,
@@ -213,6 +216,7 @@ class GTP(ReductionMethod):
         self.depth = len(model.blocks)
         self.num_prefix = model.num_prefix_tokens
         num_patches = model.patch_embed.num_patches
+        self.r_spec, self.num_patches = r, num_patches
         self.r = parse_gtp_r(self.depth, r, num_patches)
         check_total_removal(self.r, num_patches + self.num_prefix, self.num_prefix, f"GTP r={r!r}")
         if selection not in SELECTIONS:
@@ -253,22 +257,25 @@ class GTP(ReductionMethod):
         p = state.num_protected
         patches = state.x[:, p:]
         B, m, _ = patches.shape
-        if sum(self.r) > m - 1:
+        r = state.extras[R_KEY] = counts_for_input(
+            self.r_spec, self.r, self.num_patches, state, lambda n: parse_gtp_r(self.depth, self.r_spec, n)
+        )
+        if sum(r) > m - 1:
             raise ReductionConfigError(
-                f"GTP r={self.r} removes {sum(self.r)} tokens but this input has only {m} patches "
+                f"GTP r={r} removes {sum(r)} tokens but this input has only {m} patches "
                 f"(grid {state.grid_size}); lower r"
             )
         if self.graph != "spatial" and self.num_neighbours >= m:
             raise ReductionConfigError(
                 f"GTP num_neighbours={self.num_neighbours} must be smaller than the {m} patches of this input"
             )
-        if any(self.r):
+        if any(r):
             # built from the layer-0 input and kept in the autograd graph, as the reference. Its cosine
             # similarity (M^2 C) is side work: the paper's GMACs are ToMe's at the same r
             with side_work():
                 state.extras[GRAPH_KEY] = build_graph(patches, state.grid_size, self.graph, self.num_neighbours)
             state.extras[ROWS_KEY] = torch.arange(m, device=patches.device).expand(B, m)
-        if self.token_scale and any(self.r):
+        if self.token_scale and any(r):
             state.size = torch.ones(B, state.num_tokens, 1, device=state.x.device, dtype=state.x.dtype)
         return state
 
@@ -276,7 +283,7 @@ class GTP(ReductionMethod):
         # scales are all 1 (a zero bias) until the first block that propagates has run
         scaled = self.token_scale and i > self.first_propagating_block
         bias = state.size.log()[:, None, None, :, 0] if scaled else None
-        if self.r[i] > 0:
+        if state.extras[R_KEY][i] > 0:
             return AttentionRequest(
                 need="map", softmax=biased_softmax(bias), post_softmax=self._post_softmax, transient_map=True
             )  # the map is read only in after_attention
@@ -285,7 +292,7 @@ class GTP(ReductionMethod):
         return NO_REQUEST if bias is None else AttentionRequest(need="none", bias=bias)
 
     def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
-        r = self.r[i]
+        r = state.extras[R_KEY][i]
         if r <= 0:
             return state
         p = state.num_protected
@@ -314,6 +321,7 @@ class GTP(ReductionMethod):
 
     def extra_repr(self) -> str:
         return (
-            f"r={self.r}, alpha={self.alpha}, graph={self.graph!r}, num_neighbours={self.num_neighbours}, "
+            f"{describe_counts(self.r_spec, self.r, self.num_patches)}, alpha={self.alpha}, graph={self.graph!r}, "
+            f"num_neighbours={self.num_neighbours}, "
             f"selection={self.selection!r}, sparsity={self.sparsity}, token_scale={self.token_scale}"
         )

@@ -20,11 +20,14 @@ import torch
 
 from .base import (
     NO_REQUEST,
+    R_KEY,
     AttentionRequest,
     AttentionResult,
     ReductionConfigError,
     ReductionMethod,
     TokenState,
+    counts_for_input,
+    describe_counts,
     merge_rows,
     register,
     resolve_r,
@@ -174,10 +177,17 @@ class ToMe(ReductionMethod):
 
     def __init__(self, model, r: RSpec = 0, prop_attn: bool = True):
         self.depth = len(model.blocks)
-        self.r = parse_r(self.depth, r, model.patch_embed.num_patches)
+        self.r_spec, self.num_patches = r, model.patch_embed.num_patches
+        self.r = parse_r(self.depth, r, self.num_patches)
         num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
         check_total_removal(self.r, num_tokens, model.num_prefix_tokens, f"ToMe r={r!r}")
         self.prop_attn = bool(prop_attn)
+
+    def init_state(self, model, state: TokenState) -> TokenState:
+        state.extras[R_KEY] = counts_for_input(
+            self.r_spec, self.r, self.num_patches, state, lambda m: parse_r(self.depth, self.r_spec, m)
+        )
+        return state
 
     def attention_request(self, i: int, state: TokenState) -> AttentionRequest:
         if self.prop_attn and state.size is not None:
@@ -186,7 +196,7 @@ class ToMe(ReductionMethod):
 
     def after_attention(self, i: int, state: TokenState, res: AttentionResult) -> TokenState:
         t, p = state.num_tokens, state.num_protected
-        r = min(self.r[i], (t - p) // 2)
+        r = min(state.extras[R_KEY][i], (t - p) // 2)
         if r <= 0:
             return state
         flat, out_len = merge_plan(res.metric, r, p)
@@ -202,4 +212,4 @@ class ToMe(ReductionMethod):
         return state
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, prop_attn={self.prop_attn}"
+        return f"{describe_counts(self.r_spec, self.r, self.num_patches)}, prop_attn={self.prop_attn}"
