@@ -208,8 +208,9 @@ def test_train_py_detection_end_to_end(tmp_path, backbone):
         assert isinstance(s[key], float) and 0.0 <= s[key] <= 100.0, (key, s[key])
     assert s["gmacs_input_size"] == [64, 64]  # data.val_scale follows the scene size
     assert 0 < s["student_gmacs"] < s["teacher_gmacs"], (s["student_gmacs"], s["teacher_gmacs"])
-    assert s["student_throughput"] > 0 and s["teacher_throughput"] > 0
-    assert "val box AP" in proc.stdout and "backbone GMACs" in proc.stdout
+    for who in ("student", "teacher"):  # the whole detector and its backbone alone, timed side by side
+        assert s[f"{who}_throughput"] > 0 and s[f"{who}_backbone_throughput"] > 0
+    assert "val box AP" in proc.stdout and "backbone GMACs" in proc.stdout and "backbone images/s" in proc.stdout
     # the best checkpoint reloads strictly into the detector the config builds
     ckpt = torch.load(s["best_checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["task"]["name"] == "detection"
@@ -237,3 +238,60 @@ def test_train_py_detection_missing_coco_fails_clearly(tmp_path):
     proc, _ = train(tmp_path, "task=detection", "data=coco", f"data.root={tmp_path / 'nowhere'}")
     assert proc.returncode == 2
     assert "data.root" in proc.stderr and "nowhere" in proc.stderr
+
+
+@pytest.mark.parametrize("backbone", ["vit_tome", "stvit_r_swin_t"])
+def test_compiled_backbone_trunk_is_one_graph_per_size_and_detects_as_eager(backbone):
+    """compile.enabled with task=detection compiles the trunks (run.compile_models): the dense pass of
+    a reduced ViT and the STViT-R Swin trunk each run as one full graph per input size, same detections."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from src.models.compile import compile_model
+
+    torch.manual_seed(0)
+    if backbone == "vit_tome":
+        det, _ = build_detector(SMALL_VIT, "tome", {"r": 0.5}, None, num_classes=3, head=SMALL_HEAD)
+    else:
+        cfg = _compose("task=detection", "model=stvit_swin_t", "method=none", "data=scenes")
+        det, _ = build_detector(dict(cfg.model), "none", {}, None, num_classes=3, head=SMALL_HEAD, weights=False)
+    det.eval()
+    sizes = [(3, 64, 64), (3, 48, 80)]
+    images = [[torch.rand(*s)] for s in sizes]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = [det(x)[0] for x in images]
+        counter = CompileCounterWithBackend("eager")
+        compile_model(backbone_trunk(det), backend=counter, dynamic=False)  # fullgraph: a break raises
+        got = [det(x)[0] for x in images] + [det(images[0])[0]]
+    torch._dynamo.reset()
+    assert counter.frame_count == 2  # one graph per input size, the repeated size reuses its graph
+    for g, e in zip(got, expected + expected[:1]):
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g["masks"], e["masks"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_train_py_detection_ddp_two_processes_scores_as_one(tmp_path):
+    """trainer=ddp on CPU (gloo, 2 processes): 5 validation scenes over 2 ranks, each scored once (no
+    sampler padding), so the synced mAP equals a single-process eval.py of the checkpoint; rank 0 alone
+    prints the summary and writes the checkpoints."""
+    vit = ["model.kwargs.depth=3", "model.img_size=64", "method=tome", "data.num_val=5", "data.eval_batch_size=2"]
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    proc, run = train(tmp_path, *TINY, *vit, *ddp, env={"OMP_NUM_THREADS": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "distributed_backend=gloo" in out and "Starting with 2 processes" in out
+    assert out.count("reduced vs unreduced") == 1, "only the global rank 0 prints the summary"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best-epoch000.ckpt",
+        "last-step.ckpt",
+        "last.ckpt",
+    ]
+    s = json.loads((run / "summary.json").read_text())
+    cmd = [sys.executable, str(ROOT / "eval.py"), f"paths.cache_dir={tmp_path / 'cache'}"]
+    cmd += [f"hydra.run.dir={tmp_path / 'eval'}", *TINY, *vit, f"model.checkpoint={s['last_checkpoint']}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    e = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    for key in ("student_val_box_map", "student_val_mask_map", "student_val_box_map_50"):
+        assert e[key] == pytest.approx(s[key], abs=1e-4), (key, e[key], s[key])

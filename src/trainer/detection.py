@@ -26,6 +26,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from src.models.detector import backbone_trunk
 from src.models.reduction.base import ReductionMethod
 
+from .distributed import gather_list_states
 from .module import ScheduledOptimization
 
 Tensor = torch.Tensor
@@ -64,8 +65,9 @@ class DetectionModule(ScheduledOptimization, L.LightningModule):
                 "it with the detector's losses only (its modules learn from them, its own terms are not added)",
                 self.reduction.name,
             )
-        # pycocotools' evaluation (torchmetrics' default backend), boxes and masks in one pass
-        self.val_map = MeanAveragePrecision(iou_type=tuple(IOU_TYPES), backend="pycocotools")
+        # pycocotools' evaluation (torchmetrics' default backend), boxes and masks in one pass; synced
+        # over DDP ranks by gather_list_states (torchmetrics' own sync needs equal image counts per rank)
+        self.val_map = MeanAveragePrecision(iou_type=tuple(IOU_TYPES), backend="pycocotools", sync_on_compute=False)
         self.method_metric_keys: set = set()
         self.teacher_val_top1 = None  # the classification summary's field; no teacher here
 
@@ -126,7 +128,8 @@ class DetectionModule(ScheduledOptimization, L.LightningModule):
         return pred_out, target_out
 
     def on_validation_epoch_end(self) -> None:
-        result = self.val_map.compute()  # synced over DDP ranks by torchmetrics
+        gather_list_states(self.val_map)  # every rank's images (unpadded: ranks may differ by one)
+        result = self.val_map.compute()
         self.val_map.reset()
         for iou, short in IOU_TYPES.items():
             for name in LOGGED_MAP:
@@ -230,7 +233,8 @@ class _ImagesAsList(nn.Module):
 
 def profile_detection(module: DetectionModule, baseline: nn.Module, cfg) -> Dict[str, Any]:
     """Counted backbone GMACs at task.input_size (the papers' figure) and side-by-side images/s of the
-    whole detector, reduced and unreduced (same pyramid and heads, eval mode)."""
+    whole detector and of its backbone (trunk + pyramid) alone, reduced and unreduced (same pyramid
+    and heads, eval mode): at high resolution the heads take a large share of a detector's time."""
     import logging
 
     from src.models.profile import count_gmacs, count_gmacs_split, count_params, measure_throughput
@@ -263,7 +267,12 @@ def profile_detection(module: DetectionModule, baseline: nn.Module, cfg) -> Dict
     try:
         module.detector.to(device), baseline.to(device)
         tp = measure_throughput(
-            {"student": _ImagesAsList(module.detector), "teacher": _ImagesAsList(baseline)},
+            {
+                "student": _ImagesAsList(module.detector),
+                "teacher": _ImagesAsList(baseline),
+                "student_backbone": module.detector.backbone,  # trunk + pyramid: what the heads consume
+                "teacher_backbone": baseline.backbone,
+            },
             batch_size=batch,
             img_size=size,
             device=device,
@@ -274,12 +283,7 @@ def profile_detection(module: DetectionModule, baseline: nn.Module, cfg) -> Dict
         )
     finally:
         module.detector.to(was), baseline.to(was)
-    out.update(
-        student_throughput=tp["student"],
-        teacher_throughput=tp["teacher"],
-        throughput_device=device,
-        throughput_batch=float(batch),
-    )
+    out.update({f"{k}_throughput": v for k, v in tp.items()}, throughput_device=device, throughput_batch=float(batch))
     return out
 
 

@@ -75,3 +75,24 @@ def unpadded_validation(datamodule):
 
     datamodule.val_dataloader = val_dataloader
     return datamodule
+
+
+def gather_list_states(metric) -> None:
+    """Every rank's list states of a torchmetrics `metric` (created with ``sync_on_compute=False``)
+    concatenated in rank order on every rank, so ``compute()`` sees the whole validation set.
+
+    Needed for per-image list states (``MeanAveragePrecision``: boxes, scores, RLE masks per image):
+    torchmetrics syncs them one tensor at a time, which needs the same number of images on every rank
+    (a padded sampler, i.e. images counted twice); unpadded validation gives ranks one image more or
+    less, and the collectives would mismatch. One ``all_gather_object`` of each rank's lists instead."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+
+    def cpu(v):
+        return v.cpu() if hasattr(v, "cpu") else v
+
+    local = {k: [cpu(v) for v in vals] for k, vals in metric.metric_state.items() if isinstance(vals, list)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    for key in local:
+        setattr(metric, key, [v for rank in gathered for v in rank[key]])

@@ -24,7 +24,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
 import lightning as L
@@ -220,21 +220,23 @@ def build_loggers(cfg: DictConfig) -> List[Any]:
     return loggers
 
 
-def compile_models(module: ReductionModule, cfg: DictConfig) -> None:
-    """compile.enabled: torch.compile the student and the frozen teacher in place (src.models.compile:
-    one full graph per mode for a static token schedule). Checkpoints, EMA copies and the parameter
-    names are unchanged; the first training step and the first validation step compile."""
+def compile_models(models: Sequence[torch.nn.Module], cfg: DictConfig, what: str) -> None:
+    """compile.enabled: torch.compile `models` in place (src.models.compile: one full graph per mode for
+    a static token schedule): the student and frozen teacher, or the detector's backbone trunks (reduced
+    and baseline; a new input size compiles again, then dynamo makes the size dynamic). Checkpoints, EMA
+    copies and the parameter names are unchanged; the first training and validation steps compile."""
     ccfg = cfg.get("compile") or {}
     if not ccfg.get("enabled", False):
         return
     from src.models.compile import compile_model
 
     backend = str(ccfg.get("backend") or "inductor")
-    for model in (module.student, module.teacher):
+    for model in models:
         compile_model(model, mode=ccfg.get("mode"), backend=backend)
     log.info(
-        "torch.compile: student and teacher compiled (backend %s, mode %s); the first steps of training "
-        "and validation compile their graphs",
+        "torch.compile: %s compiled (backend %s, mode %s); the first steps of training and validation "
+        "compile their graphs",
+        what,
         backend,
         ccfg.get("mode") or "default",
     )
@@ -509,28 +511,33 @@ def format_summary(s: Dict[str, Any]) -> str:
     else:
         scores = [("val top-1", "teacher_val_top1", "student_val_top1")]
         names = ("teacher (unreduced)", f"student ({s['method']})", "student vs teacher", "GMACs")
-    rows = [("", *(title for title, _, _ in scores), names[3], "images/s")]
+    # detection: the whole detector's images/s, and its backbone's (trunk + pyramid) alone
+    speeds = ("throughput", "backbone_throughput") if s.get("task") == "detection" else ("throughput",)
+    speed_titles = ("images/s", "backbone images/s")[: len(speeds)]
+    rows = [("", *(title for title, _, _ in scores), names[3], *speed_titles)]
+
+    def rate(v):  # a detector at 800x1344 on a CPU runs below one image per second: 3 significant digits
+        return num(v, ",.0f" if (v or 0) >= 100 else ".3g")
+
     cost = lambda who: (  # noqa: E731
         num(s.get(f"{who}_gmacs"), ".4g") if profiled else "n/a",
-        # a detector at 800x1344 on a CPU runs below one image per second: three significant digits
-        num(s.get(f"{who}_throughput"), ",.0f" if (s.get(f"{who}_throughput") or 0) >= 100 else ".3g")
-        if profiled
-        else "n/a",
+        *(rate(s.get(f"{who}_{k}")) if profiled else "n/a" for k in speeds),
     )
     rows.append(
         (names[0], *(num(s.get(t) if t else None, ".2f", "%" if t else "") for _, t, _ in scores), *cost("teacher"))
     )
     rows.append((names[1], *(num(s.get(k), ".2f", "%" if t else "") for _, t, k in scores), *cost("student")))
     if s.get("ema_val_top1") is not None:
-        rows.append(("student EMA", num(s["ema_val_top1"], ".2f", "%"), "", ""))
+        rows.append(("student EMA", num(s["ema_val_top1"], ".2f", "%"), "", *("",) * len(speeds)))
     rows.append(
         (
             names[2],
             *("n/a" if not t or s.get(t) is None or s.get(k) is None else f"{s[k] - s[t]:+.2f}" for _, t, k in scores),
             f"{s['student_gmacs'] / s['teacher_gmacs']:.2f}x" if profiled else "n/a",
-            f"{s['student_throughput'] / s['teacher_throughput']:.2f}x"
-            if profiled and s.get("teacher_throughput")
-            else "n/a",
+            *(
+                f"{s[f'student_{k}'] / s[f'teacher_{k}']:.2f}x" if profiled and s.get(f"teacher_{k}") else "n/a"
+                for k in speeds
+            ),
         )
     )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -611,17 +618,20 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     dm = unpadded_validation(build_datamodule(cfg))  # data errors before any model is built; exact DDP val
     baseline = None
     if is_detection(cfg):
+        from src.models.detector import backbone_trunk
+
         from .detection import build_detection
 
         # the weights come with the build (timm pretrained or model.checkpoint): no teacher to bootstrap
         module, baseline = build_detection(cfg, num_classes=dm.num_classes)
+        compile_models((module.trunk, backbone_trunk(baseline)), cfg, "backbone trunks (reduced and baseline)")
     else:
         check_config(cfg)  # size / method / callback errors before weights or a quickstart teacher
         checkpoint = _weights_source(cfg)
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True, verbose=False)
         module = build_module(cfg, checkpoint=checkpoint)
-        compile_models(module, cfg)
+        compile_models((module.student, module.teacher), cfg, "student and teacher")
 
     loggers = build_loggers(cfg)
     status = "failed"
@@ -655,11 +665,18 @@ def _fit_and_summarise(cfg: DictConfig, module, dm, loggers: List[Any], baseline
             prof = profile(module, cfg)
     for lg in loggers:
         lg.log_metrics({f"profile/{k}": v for k, v in prof.items() if isinstance(v, float)}, step=0)
-    if prof:
+    if prof and detection:
+        speeds = ("throughput", "backbone_throughput")
         log.info(
-            "Profile: unreduced %.4g backbone GMACs, %.3g images/s; reduced %.4g, %.3g images/s (%.2fx)"
-            if detection
-            else "Profile: teacher %.4g GMACs, %.0f images/s; student %.4g GMACs, %.0f images/s (%.2fx)",
+            "Profile: unreduced %.4g backbone GMACs, detector %.3g images/s, backbone %.3g images/s; reduced "
+            "%.4g, %.3g, %.3g (%.2fx, backbone %.2fx)",
+            *(prof[f"{who}_{k}"] for who in ("teacher", "student") for k in ("gmacs", *speeds)),
+            prof["student_throughput"] / prof["teacher_throughput"],
+            prof["student_backbone_throughput"] / prof["teacher_backbone_throughput"],
+        )
+    elif prof:
+        log.info(
+            "Profile: teacher %.4g GMACs, %.0f images/s; student %.4g GMACs, %.0f images/s (%.2fx)",
             prof["teacher_gmacs"],
             prof["teacher_throughput"],
             prof["student_gmacs"],
