@@ -75,6 +75,23 @@ def test_vit_detector_trains_and_detects(method, params):
     assert (ours < ref) if method != "none" else (ours == ref), (ours, ref)
 
 
+def test_cascade_heads_replace_torchvision_roi_heads_in_both_detectors():
+    from src.models.cascade import CascadeRoIHeads
+
+    torch.manual_seed(0)
+    head = {**SMALL_HEAD, "roi_heads": "cascade"}
+    det, base = build_detector(SMALL_VIT, "tome", {"r": 8}, None, num_classes=3, head=head)
+    assert isinstance(det.roi_heads, CascadeRoIHeads) and base.roi_heads is det.roi_heads
+    assert (
+        len(det.roi_heads.box_heads) == 3 and det.roi_heads.box_heads[0].fc.out_features == SMALL_HEAD["box_head_dim"]
+    )
+    det.train()
+    losses = det([torch.rand(3, 64, 64)], _targets([(64, 64)]))
+    stages = {f"loss_{k}_s{s}" for k in ("classifier", "box_reg", "mask") for s in range(3)}
+    assert set(losses) == stages | {"loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 def test_swin_detector_against_its_swin_baseline():
     cfg = _compose("task=detection", "model=stvit_swin_t", "method=none", "data=scenes")
     torch.manual_seed(0)
@@ -149,6 +166,7 @@ def test_validation_scores_in_the_files_pixels_and_perfect_predictions_score_100
         ("task.name=segmentation", "task.name"),
         ("task.input_size=[800]", "task.input_size"),
         ("task.mask_threshold=1.5", "task.mask_threshold"),
+        ("++task.head.roi_heads=htc", "task.head.roi_heads=htc is not a detector"),
         ("optim.sched=multistep +optim.decay_rate=2", "optim.decay_rate"),
     ],
 )
@@ -159,10 +177,12 @@ def test_bad_task_settings_fail_before_work(override, message):
 
 
 def test_recipes_compose_and_check():
-    for name in ("stvit_r_mask_rcnn_swin_t_3x", "stvit_r_mask_rcnn_swin_s_3x", "swin_mask_rcnn_swin_t_3x"):
+    cascade = ("stvit_r_cascade_mask_rcnn_swin_s_3x", "stvit_r_cascade_mask_rcnn_swin_b_3x")
+    for name in ("stvit_r_mask_rcnn_swin_t_3x", "stvit_r_mask_rcnn_swin_s_3x", "swin_mask_rcnn_swin_t_3x", *cascade):
         cfg = _compose(f"experiment={name}", "data.root=/data/coco")
         check_values(cfg, environment=False)
         assert cfg.task.name == "detection" and cfg.method.name == "none"
+        assert cfg.task.head.get("roi_heads", "standard") == ("cascade" if name in cascade else "standard")
         assert cfg.optim.sched == "multistep" and list(cfg.optim.decay_epochs) == [27, 33]
         assert cfg.callbacks.model_checkpoint.monitor == "val/box_map"
 
@@ -195,9 +215,10 @@ TINY = [
     "backbone",
     [
         ["model.kwargs.depth=3", "model.img_size=64", "method=tome"],  # a reduced ViT: ToMe unmerges
-        ["model=stvit_swin_t", "method=none"],  # STViT-R Swin: four maps into an FPN
+        # STViT-R Swin: four maps into an FPN, Cascade Mask R-CNN heads (the released detector's)
+        ["model=stvit_swin_t", "method=none", "++task.head.roi_heads=cascade"],
     ],
-    ids=["vit_tome", "stvit_r_swin_t"],
+    ids=["vit_tome", "stvit_r_swin_t_cascade"],
 )
 def test_train_py_detection_end_to_end(tmp_path, backbone):
     proc, run = train(tmp_path, *TINY, *backbone)

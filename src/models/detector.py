@@ -40,6 +40,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .backbone import BackboneError, _timm_kwargs, build_model, is_patchable
+from .cascade import cascade_roi_heads
 from .detection import ViTDetBackbone
 from .reduction.base import unreduced_copy
 
@@ -48,6 +49,7 @@ Tensor = torch.Tensor
 # Mask R-CNN's head sizes (torchvision's and the Swin / STViT-R configs' values); the embedded scenes
 # use smaller ones (conf/task/detection.yaml)
 HEAD_DEFAULTS: Dict[str, Any] = {
+    "roi_heads": "standard",  # or "cascade": Cascade Mask R-CNN's three stages (src/models/cascade.py)
     "fpn_channels": 256,
     "box_head_dim": 1024,
     "mask_head_dim": 256,
@@ -153,8 +155,9 @@ def build_detector(
     std: Optional[List[float]] = None,
     weights: bool = True,
 ) -> Tuple[MaskRCNN, MaskRCNN]:
-    """(detector, baseline detector): Mask R-CNN for `num_classes` object classes (background added)
-    over the backbone of `model_cfg` + `method`; `head` overrides :data:`HEAD_DEFAULTS`."""
+    """(detector, baseline detector): Mask R-CNN (or Cascade Mask R-CNN: ``head.roi_heads="cascade"``) for
+    `num_classes` object classes (background added) over the backbone of `model_cfg` + `method`; `head`
+    overrides :data:`HEAD_DEFAULTS`."""
     h = {**HEAD_DEFAULTS, **{k: v for k, v in dict(head or {}).items() if k in HEAD_DEFAULTS}}
     channels = int(h["fpn_channels"])
     backbone, baseline_backbone = build_backbones(model_cfg, method, params, schedule, channels, weights=weights)
@@ -176,6 +179,17 @@ def build_detector(
     detector.roi_heads.box_predictor = FastRCNNPredictor(int(h["box_head_dim"]), int(num_classes) + 1)
     dim = int(h["mask_head_dim"])
     detector.roi_heads.mask_predictor = MaskRCNNPredictor(dim, dim, int(num_classes) + 1)
+    if h["roi_heads"] == "cascade":  # the released STViT-R / Swin detectors' heads (torchvision has none)
+        detector.roi_heads = cascade_roi_heads(
+            int(num_classes),
+            channels,
+            box_head_dim=int(h["box_head_dim"]),
+            mask_head_dim=dim,
+            box_batch_size_per_image=int(h["box_batch_size_per_image"]),
+            detections_per_image=int(h["detections_per_image"]),
+        )
+    elif h["roi_heads"] != "standard":
+        raise ValueError(f"task.head.roi_heads={h['roi_heads']!r}: choose standard (Mask R-CNN) or cascade")
     detector.transform = _NoResize(1, 1, list(mean or (0.485, 0.456, 0.406)), list(std or (0.229, 0.224, 0.225)))
     baseline = copy.copy(detector)  # same heads and transform, another backbone
     baseline._modules = OrderedDict(detector._modules, backbone=baseline_backbone)

@@ -749,6 +749,11 @@ def _check_cross(cfg: DictConfig) -> None:
         for key in head:
             if key not in HEAD_DEFAULTS:
                 _fail(f"task.head.{key} is not a Mask R-CNN setting; the settings are {sorted(HEAD_DEFAULTS)}")
+        if head.get("roi_heads", "standard") not in ("standard", "cascade"):
+            _fail(
+                f"task.head.roi_heads={_fmt(head.roi_heads)} is not a detector; choose standard (Mask R-CNN) or "
+                "cascade (Cascade Mask R-CNN)"
+            )
 
     # data <-> model
     for key in ("img_size", "in_chans"):
