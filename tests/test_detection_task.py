@@ -316,3 +316,75 @@ def test_train_py_detection_ddp_two_processes_scores_as_one(tmp_path):
     e = json.loads((tmp_path / "eval" / "summary.json").read_text())
     for key in ("student_val_box_map", "student_val_mask_map", "student_val_box_map_50"):
         assert e[key] == pytest.approx(s[key], abs=1e-4), (key, e[key], s[key])
+
+
+def _mmdet_layout(detector):
+    """This project's cascade detector -> an mmdetection v2 Cascade Mask R-CNN state dict (the released
+    STViT-R files), written independently of src.models.detector: backbone.* in the official backbone
+    layout, neck / rpn_head / roi_head by mmdet's module names, the background class last."""
+    from tests.test_stvit_swin_det import to_official
+
+    sd = detector.state_dict()
+    out = to_official({k[len("backbone.body.") :]: v for k, v in sd.items() if k.startswith("backbone.body.")}, True)
+    for k, v in sd.items():
+        parts = k.split(".")
+        if k.startswith("backbone.fpn."):  # inner_blocks.i.0.w / layer_blocks.i.0.w
+            kind = {"inner_blocks": "lateral_convs", "layer_blocks": "fpn_convs"}[parts[2]]
+            out[f"neck.{kind}.{parts[3]}.conv.{parts[-1]}"] = v
+        elif k.startswith("rpn.head."):
+            name = {"conv": "rpn_conv", "cls_logits": "rpn_cls", "bbox_pred": "rpn_reg"}[parts[2]]
+            out[f"rpn_head.{name}.{parts[-1]}"] = v
+        elif k.startswith("roi_heads.box_heads."):
+            stage, layer = parts[2], parts[3]
+            if layer == "convs":  # (conv, bn, relu) x 4
+                i, j = divmod(int(parts[4]), 3)
+                out[f"roi_head.bbox_head.{stage}.shared_convs.{i}.{'conv' if j == 0 else 'bn'}.{parts[-1]}"] = v
+            elif layer == "cls":
+                out[f"roi_head.bbox_head.{stage}.fc_cls.{parts[-1]}"] = torch.cat([v[1:], v[:1]])
+            else:
+                name = {"fc": "shared_fcs.0", "reg": "fc_reg"}[layer]
+                out[f"roi_head.bbox_head.{stage}.{name}.{parts[-1]}"] = v
+        elif k.startswith("roi_heads.mask_heads."):
+            stage, i = parts[2], int(parts[3])
+            name = f"convs.{i // 2}.conv" if i < 8 else {8: "upsample", 10: "conv_logits"}[i]
+            out[f"roi_head.mask_head.{stage}.{name}.{parts[-1]}"] = v
+    return out
+
+
+def test_released_mmdet_cascade_detector_loads_whole_and_bad_fits_fail_clearly(tmp_path):
+    from src.models.weights import WeightsError
+    from src.trainer.detection import build_detection
+
+    head = [f"++task.head.{k}={v}" for k, v in SMALL_HEAD.items()] + ["++task.head.roi_heads=cascade"]
+    base = ["task=detection", "model=stvit_swin_t", "method=none", "data=scenes", *head]
+    torch.manual_seed(0)
+    reference, _ = build_detection(_compose(*base), num_classes=3, weights=False)
+    official = _mmdet_layout(reference.detector)
+    assert "roi_head.bbox_head.2.shared_convs.3.bn.running_var" in official and "neck.fpn_convs.3.conv.bias" in official
+    path = tmp_path / "cascade_mask_rcnn_stvit_r_swin_t.pth"
+    torch.save({"meta": {"epoch": 36}, "state_dict": official}, path)
+
+    torch.manual_seed(1)  # other initial weights: everything must come from the file
+    module, _ = build_detection(_compose(*base, f"model.checkpoint={path}"), num_classes=3)
+    ours, ref = module.detector.state_dict(), reference.detector.state_dict()
+    assert set(ours) == set(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+    image = [torch.rand(3, 96, 128)]
+    reference.detector.eval(), module.detector.eval()
+    with torch.no_grad():
+        expected, got = reference.detector(image)[0], module.detector(image)[0]
+    assert torch.equal(expected["boxes"], got["boxes"]) and torch.equal(expected["masks"], got["masks"])
+
+    with pytest.raises(WeightsError, match="for 3 object classes but the data has 5.*checkpoint_heads=false"):
+        build_detection(_compose(*base, f"model.checkpoint={path}"), num_classes=5)
+    standard = [o for o in base if "roi_heads" not in o]
+    with pytest.raises(WeightsError, match="is a Cascade Mask R-CNN.*task.head.roi_heads=cascade"):
+        build_detection(_compose(*standard, f"model.checkpoint={path}"), num_classes=3)
+    with pytest.raises(WeightsError, match="do not fit this detector.*shape"):
+        build_detection(_compose(*base, "++task.head.box_head_dim=32", f"model.checkpoint={path}"), num_classes=3)
+    # the backbone alone, for new classes: the trunk from the file, fresh heads
+    only, _ = build_detection(_compose(*base, f"model.checkpoint={path}", "task.checkpoint_heads=false"), num_classes=5)
+    trunk = {k: v for k, v in only.detector.state_dict().items() if k.startswith("backbone.body.")}
+    assert trunk and all(torch.equal(v, ref[k]) for k, v in trunk.items())
+    assert not torch.equal(
+        only.detector.state_dict()["backbone.fpn.inner_blocks.0.0.weight"], ref["backbone.fpn.inner_blocks.0.0.weight"]
+    )

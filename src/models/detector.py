@@ -25,6 +25,7 @@ sharing the pyramid and heads, so that the profile compares backbones and nothin
 from __future__ import annotations
 
 import copy
+import re
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -196,10 +197,65 @@ def build_detector(
     return detector, baseline
 
 
+# mmdetection v2 names of the parts around the backbone in the released Cascade Mask R-CNN files
+# (neck = FPN, rpn_head, roi_head) -> this detector's; the backbone.* keys are the trunk's, converted by
+# its model's checkpoint_filter_fn through load_weights. ConvModule(conv, bn) pairs sit at 3i / 3i+1 of a
+# box head's convs (conv, bn, relu), a mask head's convs at 2i (conv, relu), its deconv and logits at 8, 10.
+_MMDET_RENAMES = [
+    (re.compile(r"^neck\.lateral_convs\.(\d+)\.conv\."), lambda m: f"backbone.fpn.inner_blocks.{m[1]}.0."),
+    (re.compile(r"^neck\.fpn_convs\.(\d+)\.conv\."), lambda m: f"backbone.fpn.layer_blocks.{m[1]}.0."),
+    (re.compile(r"^rpn_head\.rpn_conv\."), lambda m: "rpn.head.conv.0.0."),
+    (re.compile(r"^rpn_head\.rpn_cls\."), lambda m: "rpn.head.cls_logits."),
+    (re.compile(r"^rpn_head\.rpn_reg\."), lambda m: "rpn.head.bbox_pred."),
+    (
+        re.compile(r"^roi_head\.bbox_head\.(\d+)\.shared_convs\.(\d+)\.(conv|bn)\."),
+        lambda m: f"roi_heads.box_heads.{m[1]}.convs.{3 * int(m[2]) + (m[3] == 'bn')}.",
+    ),
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.shared_fcs\.0\."), lambda m: f"roi_heads.box_heads.{m[1]}.fc."),
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.fc_cls\."), lambda m: f"roi_heads.box_heads.{m[1]}.cls."),
+    (re.compile(r"^roi_head\.bbox_head\.(\d+)\.fc_reg\."), lambda m: f"roi_heads.box_heads.{m[1]}.reg."),
+    (
+        re.compile(r"^roi_head\.mask_head\.(\d+)\.convs\.(\d+)\.conv\."),
+        lambda m: f"roi_heads.mask_heads.{m[1]}.{2 * int(m[2])}.",
+    ),
+    (re.compile(r"^roi_head\.mask_head\.(\d+)\.upsample\."), lambda m: f"roi_heads.mask_heads.{m[1]}.8."),
+    (re.compile(r"^roi_head\.mask_head\.(\d+)\.conv_logits\."), lambda m: f"roi_heads.mask_heads.{m[1]}.10."),
+]
+MMDET_PARTS = ("neck.", "rpn_head.", "roi_head.")
+
+
+def mmdet_head_state_dict(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """The neck, RPN and cascade RoI-head tensors of an mmdetection v2 Cascade Mask R-CNN state dict under
+    this detector's names (see _MMDET_RENAMES). The classifier's background row moves from mmdet's last
+    index to torchvision's 0; box regression and masks have no background slot in either. Keys outside
+    the backbone that match no rule are kept as they are (the caller reports them as unexpected)."""
+    out: Dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if not key.startswith(MMDET_PARTS):
+            continue
+        for pattern, name in _MMDET_RENAMES:
+            m = pattern.match(key)
+            if m:
+                key = name(m) + key[m.end() :]
+                break
+        if re.match(r"^roi_heads\.box_heads\.\d+\.cls\.", key):
+            value = torch.cat([value[-1:], value[:-1]])
+        out[key] = value
+    return out
+
+
 def backbone_trunk(detector: MaskRCNN) -> nn.Module:
     """The part whose GMACs the papers report: the ViT (reduced or not) or the features_only trunk."""
     bb = detector.backbone
     return bb.vit if isinstance(bb, ViTDetBackbone) else bb.body
 
 
-__all__ = ["FeaturePyramid", "HEAD_DEFAULTS", "backbone_trunk", "build_backbones", "build_detector"]
+__all__ = [
+    "FeaturePyramid",
+    "HEAD_DEFAULTS",
+    "MMDET_PARTS",
+    "backbone_trunk",
+    "build_backbones",
+    "build_detector",
+    "mmdet_head_state_dict",
+]

@@ -2,7 +2,8 @@
 
 Formats read: official DeiT / EViT files (``{"model": sd}``), official DynamicViT files (backbone +
 ``score_predictor.*`` in ``{"model": sd}``), plain state dicts, ``.safetensors``, this project's
-Lightning checkpoints (``state_dict`` with ``student.*``; EMA weights under ``state_dict_ema``), and
+Lightning checkpoints (``state_dict`` with ``student.*``; EMA weights under ``state_dict_ema``; a
+task=detection checkpoint gives its backbone trunk), and
 official STViT-R-Swin classification files (renamed by ``stvit_swin.checkpoint_filter_fn``). Files
 are read with ``torch.load(weights_only=True)`` only.
 
@@ -38,6 +39,8 @@ _NESTED_KEYS = ("model", "state_dict", "model_state", "module")
 EMA_KEYS = ("state_dict_ema", "model_ema")
 # Prefixes the LightningModule (src.trainer.module) and DDP wrappers put in front of backbone keys.
 _PREFIXES = ("student.", "model.", "module.")
+# The backbone trunk inside a task=detection checkpoint: a ViT (ViTDetBackbone) or a features_only model.
+_DETECTION_TRUNKS = ("detector.backbone.vit.", "detector.backbone.body.")
 # EMA weights inside an older Lightning checkpoint of this project (before state_dict_ema existed).
 _LIGHTNING_EMA_PREFIX = "ema.module."
 
@@ -130,6 +133,9 @@ def extract_state_dict(obj: Mapping, where: str = "checkpoint", ema: bool = Fals
         raise WeightsError(f"{where} holds no tensors (keys: {sorted(map(str, obj))[:10]})")
     if any(k.startswith("student.") for k in sd):  # our LightningModule: student only, teacher/EMA dropped
         sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")}
+    for trunk in _DETECTION_TRUNKS:  # a task=detection checkpoint as backbone weights: its trunk only
+        if any(k.startswith(trunk) for k in sd):
+            sd = {k[len(trunk) :]: v for k, v in sd.items() if k.startswith(trunk)}
     for prefix in _PREFIXES[1:]:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items()}

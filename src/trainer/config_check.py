@@ -342,6 +342,7 @@ GROUPS: Dict[str, Dict[str, Spec]] = {
         "mask_threshold": (num(0, 1, lo_open=True, hi_open=True), "mask probability above which a pixel is in"),
         "input_size": (NULL | list_of(POS_INT, length=2), "[height, width] of the GMACs count and the timing"),
         "head": (NULL | MAPPING, "Mask R-CNN sizes: src/models/detector.py HEAD_DEFAULTS"),
+        "checkpoint_heads": (BOOL, "true: a whole-detector model.checkpoint loads its neck and heads too"),
     },
     "model.bootstrap": {  # how run() trains the quickstart teacher
         "enabled": BOOL,

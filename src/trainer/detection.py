@@ -171,19 +171,84 @@ def detection_checkpoint(path) -> Optional[Dict[str, Tensor]]:
     return None
 
 
+def mmdet_checkpoint(path) -> Optional[Dict[str, Tensor]]:
+    """The neck and head tensors (this detector's names) of an mmdetection detector file, e.g. the released
+    STViT-R Cascade Mask R-CNN (``state_dict`` with ``backbone.*``, ``neck.*``, ``rpn_head.*``,
+    ``roi_head.*``), or None for any other file. Its backbone.* part loads with the backbone (build_model)."""
+    from src.models.detector import MMDET_PARTS, mmdet_head_state_dict
+    from src.models.weights import read_checkpoint
+
+    if not path or str(path).endswith((".ckpt", ".safetensors")):
+        return None
+    sd = read_checkpoint(path)
+    return mmdet_head_state_dict(sd) if any(k.startswith(MMDET_PARTS) for k in sd) else None
+
+
+def _load_mmdet_heads(detector: nn.Module, parts: Mapping[str, Tensor], where: str, num_classes: int) -> None:
+    """Load an mmdetection file's neck and heads into `detector` (its trunk is loaded already): every
+    tensor outside the trunk must come from the file with its shape, else a WeightsError with the fix."""
+    from src.models.cascade import CascadeRoIHeads
+    from src.models.weights import WeightsError
+
+    only_backbone = "or task.checkpoint_heads=false to take only its backbone (new heads for your classes)"
+    if not any(k.startswith("roi_heads.box_heads.") for k in parts):
+        raise WeightsError(
+            f"model.checkpoint={where} is an mmdetection detector whose RoI heads are not a Cascade Mask R-CNN's "
+            f"(e.g. {next((k for k in parts if k.startswith('roi_head')), '?')}); only the released cascade heads are "
+            f"converted: use task.checkpoint_heads=false to take only its backbone"
+        )
+    if not isinstance(detector.roi_heads, CascadeRoIHeads):
+        raise WeightsError(
+            f"model.checkpoint={where} is a Cascade Mask R-CNN (mmdetection); set task.head.roi_heads=cascade "
+            f"(as experiment=stvit_r_cascade_mask_rcnn_swin_s_3x does), {only_backbone}"
+        )
+    file_classes = parts["roi_heads.box_heads.0.cls.weight"].shape[0] - 1
+    if file_classes != num_classes:
+        raise WeightsError(
+            f"model.checkpoint={where} is a detector for {file_classes} object classes but the data has "
+            f"{num_classes}: evaluate it on data with its classes (COCO: 80), {only_backbone}"
+        )
+    trunk = next(n for n, m in detector.named_modules() if m is backbone_trunk(detector)) + "."
+    own = {k: v for k, v in detector.state_dict().items() if not k.startswith(trunk)}
+    missing, unexpected = sorted(set(own) - set(parts)), sorted(set(parts) - set(own))
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs detector {tuple(own[k].shape)}"
+        for k, v in parts.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise WeightsError(
+            f"model.checkpoint={where}: its neck and heads do not fit this detector ("
+            + "; ".join(
+                f"{what} ({len(keys)}): {', '.join(keys[:4])}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+                if keys
+            )
+            + f"); use the released sizes (task.head defaults: FPN 256, box head 1024, mask head 256), {only_backbone}"
+        )
+    detector.load_state_dict(parts, strict=False)
+    logging.getLogger(__name__).info(
+        "model.checkpoint=%s: neck, RPN and cascade heads loaded (%d tensors)", where, len(parts)
+    )
+
+
 def build_detection(cfg, num_classes: int, weights: bool = True):
     """(DetectionModule, baseline detector) of `cfg` for a dataset with `num_classes` object classes.
-    ``model.checkpoint`` may be a task=detection checkpoint (the whole detector loads, strictly: eval.py
-    task=detection model.checkpoint=<run>/checkpoints/last.ckpt) or backbone weights (the ViT or trunk)."""
+    ``model.checkpoint`` may be a whole detector: a task=detection checkpoint (loads strictly: eval.py
+    task=detection model.checkpoint=<run>/checkpoints/last.ckpt) or an mmdetection Cascade Mask R-CNN file
+    (the released STViT-R detectors: backbone, neck, RPN and heads converted); with
+    ``task.checkpoint_heads=false``, or for a plain backbone file, only the backbone trunk loads."""
     from src.models.detector import build_detector
     from src.trainer.run import plain as _plain
 
     task = _plain(cfg.task) or {}
     data = cfg.data
     model_cfg = _plain(cfg.model)
-    whole = detection_checkpoint(model_cfg.get("checkpoint")) if weights else None
+    heads = weights and bool(task.get("checkpoint_heads", True))
+    whole = detection_checkpoint(model_cfg.get("checkpoint")) if heads else None
     if whole is not None:  # the detector's own weights replace the backbone's initial ones below
         model_cfg = dict(model_cfg, checkpoint=None, pretrained=False)
+    mmdet = mmdet_checkpoint(model_cfg.get("checkpoint")) if heads and whole is None else None
     detector, baseline = build_detector(
         model_cfg,
         cfg.method.name,
@@ -195,6 +260,8 @@ def build_detection(cfg, num_classes: int, weights: bool = True):
         std=_plain(data.get("std")),
         weights=weights,
     )
+    if mmdet is not None:
+        _load_mmdet_heads(detector, mmdet, str(cfg.model.checkpoint), num_classes)
     module = DetectionModule(
         detector,
         optim=_plain(cfg.get("optim")),
@@ -215,7 +282,7 @@ def build_detection(cfg, num_classes: int, weights: bool = True):
             raise WeightsError(
                 f"model.checkpoint={cfg.model.checkpoint} is a detector of another configuration "
                 f"({' '.join(first[:2])[:300]}); use the model, method, task.head and data (class count) "
-                "it was trained with"
+                "it was trained with, or task.checkpoint_heads=false to take only its backbone"
             ) from None
     return module, baseline
 
