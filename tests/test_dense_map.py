@@ -323,3 +323,16 @@ def test_vitdet_backbone_map_is_unchanged_for_none_and_stvit_r(method):
     expected = state.extras["recovered"] if method == "stvit" else _grid(final[:, 1:], (8, 12))
     with torch.no_grad():
         assert torch.equal(bb.spatial_map(x), expected)
+
+
+@pytest.mark.parametrize("method", sorted(m for m, cls in REGISTRY.items() if cls.claims_every_patch))
+@pytest.mark.parametrize("training", [False, True])
+def test_methods_that_skip_removal_records_leave_no_patch_unclaimed(method, training):
+    """claims_every_patch lets a dense pass skip record_removed: only true if every patch ends in a token."""
+    model = _model(method, "registers").train(training)
+    model.trace_source = True
+    with torch.no_grad():
+        state = model.forward_tokens(images(2))
+    p = model.num_prefix_tokens
+    assert state.num_tokens < 64 + p and (state.source[:, :, p:].amax(1) > 0).all()
+    assert sorted(m for m, cls in REGISTRY.items() if cls.claims_every_patch) == ["pitome", "tofu", "tome"]

@@ -172,6 +172,7 @@ class PiToMe(ReductionMethod):
     name = "pitome"
     #: dense map: merged patches take the final features of the token they were merged into
     dense_restore = "source"
+    claims_every_patch = True  # sources are merged by maximum: no patch is ever left unclaimed
     module_names = ()
     static_schedule = True  # every block's count follows from the token count alone
     exportable = True

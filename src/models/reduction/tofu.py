@@ -97,6 +97,7 @@ class ToFu(ReductionMethod):
     name = "tofu"
     #: dense map: merged and pruned patches take the final features of their matched B token (source map)
     dense_restore = "source"
+    claims_every_patch = True  # sources are merged by maximum: no patch is ever left unclaimed
     module_names = ()
     static_schedule = True  # every block's count follows from the token count alone
     exportable = True

@@ -174,6 +174,7 @@ class ToMe(ReductionMethod):
     name = "tome"
     #: dense map: merged patches take the final features of the token they were merged into
     dense_restore = "source"
+    claims_every_patch = True  # sources are merged by maximum: no patch is ever left unclaimed
 
     def __init__(self, model, r: RSpec = 0, prop_attn: bool = True):
         self.depth = len(model.blocks)
