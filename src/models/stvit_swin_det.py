@@ -367,6 +367,6 @@ class STViTRSwinDet(nn.Module):
         for i, (stage, down) in enumerate(zip(self.layers, self.downsamples)):
             x = stage(x)
             if i in self.out_indices:
-                outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
+                outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2))  # NCHW view, channels_last memory
             x = down(x)
         return outs
