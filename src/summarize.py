@@ -1,5 +1,6 @@
 """Summarise a sweep: every run's summary.json -> a table (Markdown + CSV) and a Pareto plot PNG of
-accuracy against GMACs and against throughput."""
+the score against GMACs and against throughput. The score is validation top-1 for classification runs
+and box mAP for a sweep of task=detection runs (mask mAP as a column)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def collect(root: Path) -> List[Dict]:
                 throughput=s.get("student_throughput"),
                 top1=s.get("student_val_top1"),
                 teacher_top1=s.get("teacher_val_top1"),
+                box_map=s.get("student_val_box_map"),
+                mask_map=s.get("student_val_mask_map"),
                 teacher_gmacs=s.get("teacher_gmacs"),
                 teacher_throughput=s.get("teacher_throughput"),
             )
@@ -56,9 +59,15 @@ def collect(root: Path) -> List[Dict]:
     return rows
 
 
-def pareto(rows: List[Dict], cost: str, lower_is_better: bool = True) -> List[Dict]:
-    """Runs not dominated in (top1 higher, cost lower/higher), sorted by cost."""
-    pts = [r for r in rows if r.get(cost) is not None and r.get("top1") is not None]
+def score_key(rows: List[Dict]) -> str:
+    """ "top1", or "box_map" for a sweep of detection runs only (no run has a top-1)."""
+    detection = all(r.get("top1") is None for r in rows) and any(r.get("box_map") is not None for r in rows)
+    return "box_map" if detection else "top1"
+
+
+def pareto(rows: List[Dict], cost: str, lower_is_better: bool = True, score: str = "top1") -> List[Dict]:
+    """Runs not dominated in (score higher, cost lower/higher), sorted by cost."""
+    pts = [r for r in rows if r.get(cost) is not None and r.get(score) is not None]
     sign = 1 if lower_is_better else -1
     front = [
         r
@@ -66,8 +75,8 @@ def pareto(rows: List[Dict], cost: str, lower_is_better: bool = True) -> List[Di
         if not any(
             o is not r
             and sign * o[cost] <= sign * r[cost]
-            and o["top1"] >= r["top1"]
-            and (sign * o[cost] < sign * r[cost] or o["top1"] > r["top1"])
+            and o[score] >= r[score]
+            and (sign * o[cost] < sign * r[cost] or o[score] > r[score])
             for o in pts
         )
     ]
@@ -78,15 +87,19 @@ def markdown(rows: List[Dict]) -> str:
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    lines = [
-        "| run | method | schedule | GMACs | img/s | top-1 (%) | teacher top-1 (%) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    detection = score_key(rows) == "box_map"
+    scores = ("box_map", "mask_map") if detection else ("top1", "teacher_top1")
+    titles = (
+        "backbone GMACs | img/s | box AP | mask AP" if detection else "GMACs | img/s | top-1 (%) | teacher top-1 (%)"
+    )
+    lines = [f"| run | method | schedule | {titles} |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"] or "", -(r["gmacs"] or 0))):
+        speed = fmt(r["throughput"], ".0f" if (r["throughput"] or 0) >= 100 else ".3g")
         lines.append(
             f"| {r['run']} | {r['method']} | {r.get('schedule', '')} | "
-            f"{fmt(r['gmacs'], '.3f' if (r['gmacs'] or 0) >= 0.1 else '.3g')} | {fmt(r['throughput'], '.0f')} | "
-            f"{fmt(r['top1'], '.2f')} | {fmt(r['teacher_top1'], '.2f')} |"
+            f"{fmt(r['gmacs'], '.3f' if (r['gmacs'] or 0) >= 0.1 else '.3g')} | {speed} | "
+            + " | ".join(fmt(r.get(k), ".2f") for k in scores)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -97,6 +110,7 @@ def plot(rows: List[Dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    score = score_key(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, cost, label, lower in (
         (axes[0], "gmacs", "GMACs (counted)", True),
@@ -105,12 +119,12 @@ def plot(rows: List[Dict], path: Path) -> None:
         methods = sorted({r["method"] for r in rows})
         for m in methods:
             pts = sorted(
-                (r for r in rows if r["method"] == m and r.get(cost) is not None and r.get("top1") is not None),
+                (r for r in rows if r["method"] == m and r.get(cost) is not None and r.get(score) is not None),
                 key=lambda r: r[cost],
             )
-            ax.plot([r[cost] for r in pts], [r["top1"] for r in pts], "o-", label=m, alpha=0.8)
-        front = pareto(rows, cost, lower)
-        ax.plot([r[cost] for r in front], [r["top1"] for r in front], "k--", lw=1, label="Pareto front")
+            ax.plot([r[cost] for r in pts], [r[score] for r in pts], "o-", label=m, alpha=0.8)
+        front = pareto(rows, cost, lower, score)
+        ax.plot([r[cost] for r in front], [r[score] for r in front], "k--", lw=1, label="Pareto front")
         teachers = [r for r in rows if r.get(f"teacher_{cost}") is not None and r.get("teacher_top1") is not None]
         if teachers:
             ax.plot(
@@ -121,7 +135,7 @@ def plot(rows: List[Dict], path: Path) -> None:
                 label="teacher (unreduced)",
             )
         ax.set_xlabel(label)
-        ax.set_ylabel("val top-1 (%)")
+        ax.set_ylabel("val box mAP" if score == "box_map" else "val top-1 (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

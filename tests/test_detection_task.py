@@ -388,3 +388,34 @@ def test_released_mmdet_cascade_detector_loads_whole_and_bad_fits_fail_clearly(t
     assert not torch.equal(
         only.detector.state_dict()["backbone.fpn.inner_blocks.0.0.weight"], ref["backbone.fpn.inner_blocks.0.0.weight"]
     )
+
+
+@pytest.mark.slow
+def test_detection_multirun_with_wandb_offline_and_summary(tmp_path):
+    """A Hydra multirun of task=detection (two methods) logs to W&B (offline) in one group per sweep, and
+    summarize.py tables the runs by box mAP against backbone GMACs."""
+    sweep = tmp_path / "det_sweep"
+    vit = ["model.kwargs.depth=3", "model.img_size=64", "method=none,tome"]
+    proc, _ = train(
+        tmp_path,
+        "hydra.mode=MULTIRUN",
+        *TINY,
+        *vit,
+        "logger=wandb",
+        "logger.token_images.enabled=false",
+        f"hydra.sweep.dir={sweep}",
+        env={"WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert sorted(s["method"] for s in summaries.values()) == ["none", "tome"]
+    for job in summaries:
+        (run,) = (sweep / job / "wandb").glob("offline-run-*")
+        blob = b"".join(p.read_bytes() for p in run.rglob("*.wandb"))
+        assert b"val/box_map" in blob and sweep.name.encode() in blob
+    proc = subprocess.run([sys.executable, str(ROOT / "summarize.py"), str(sweep)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    table = (sweep / "summary.md").read_text()
+    assert "| box AP | mask AP |" in table
+    for s in summaries.values():
+        assert f"| {s['student_val_box_map']:.2f} | {s['student_val_mask_map']:.2f} |" in table

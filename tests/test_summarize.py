@@ -49,3 +49,21 @@ def test_summarize_writes_table_csv_and_png(tmp_path):
 def test_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         summarize(str(tmp_path))
+
+
+def test_detection_sweep_is_summarised_by_box_map(tmp_path):
+    """A multirun of task=detection runs: box mAP is the score (table, Pareto), mask mAP a column."""
+    runs = [("none", 0.25, 0.9, 52.0, 22.4), ("tome", 0.14, 1.1, 50.1, 20.1), ("evit", 0.18, 1.0, 49.0, 19.0)]
+    for i, (method, gmacs, speed, box, mask) in enumerate(runs):
+        run = tmp_path / str(i)
+        run.mkdir()
+        summary = dict(task="detection", method=method, method_params="p", student_gmacs=gmacs)
+        summary.update(student_throughput=speed, student_val_box_map=box, student_val_mask_map=mask)
+        (run / "summary.json").write_text(json.dumps(summary))
+    rows = collect(tmp_path)
+    front = pareto(rows, "gmacs", score="box_map")
+    assert [r["method"] for r in front] == ["tome", "none"]  # evit: more GMACs than tome, lower box AP
+    files = summarize(str(tmp_path))
+    table = open(files["markdown"]).read()
+    assert "| box AP | mask AP |" in table and "| 0.140 | 1.1 | 50.10 | 20.10 |" in table
+    assert open(files["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
