@@ -10,6 +10,7 @@ from torchvision.ops import clip_boxes_to_image, generalized_box_iou_loss
 
 from src.models.cascade import STAGE_STDS, CascadeRoIHeads, cascade_roi_heads, decode, stage_coder
 from src.models.detector import build_detector
+from tests.test_detection_task import SMALL_VIT
 
 C = 3  # object classes
 CH = 8  # FPN channels
@@ -205,15 +206,7 @@ def one_thread():
 
 
 def test_mask_rcnn_with_cascade_heads_trains_and_detects(one_thread):
-    vit = dict(
-        name="vit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=10,
-        img_size=64,
-        in_chans=3,
-        drop_path_rate=0.0,
-        kwargs=dict(patch_size=8, embed_dim=48, depth=2, num_heads=3),
-    )
+    vit = dict(SMALL_VIT, kwargs=dict(SMALL_VIT["kwargs"], depth=2))
     torch.manual_seed(0)
     det, _ = build_detector(vit, "none", {}, None, num_classes=C, head=dict(fpn_channels=16), weights=False)
     det.roi_heads = cascade_roi_heads(C, channels=16, box_head_dim=32, mask_head_dim=8, box_batch_size_per_image=32)

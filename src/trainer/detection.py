@@ -171,17 +171,17 @@ def detection_checkpoint(path) -> Optional[Dict[str, Tensor]]:
     return None
 
 
-def mmdet_checkpoint(path) -> Optional[Dict[str, Tensor]]:
-    """The neck and head tensors (this detector's names) of an mmdetection detector file, e.g. the released
-    STViT-R Cascade Mask R-CNN (``state_dict`` with ``backbone.*``, ``neck.*``, ``rpn_head.*``,
-    ``roi_head.*``), or None for any other file. Its backbone.* part loads with the backbone (build_model)."""
-    from src.models.detector import MMDET_PARTS, mmdet_head_state_dict
+def mmdet_checkpoint(path, ema: bool = False) -> Optional[Dict[str, Tensor]]:
+    """The state dict of an mmdetection detector file, e.g. the released STViT-R Cascade Mask R-CNN
+    (``state_dict`` with ``backbone.*``, ``neck.*``, ``rpn_head.*``, ``roi_head.*``), or None for any other
+    file. Read once: build_detection loads its backbone and its heads from it."""
+    from src.models.detector import MMDET_PARTS
     from src.models.weights import read_checkpoint
 
     if not path or str(path).endswith((".ckpt", ".safetensors")):
         return None
-    sd = read_checkpoint(path)
-    return mmdet_head_state_dict(sd) if any(k.startswith(MMDET_PARTS) for k in sd) else None
+    sd = read_checkpoint(path, ema=ema)
+    return sd if any(k.startswith(MMDET_PARTS) for k in sd) else None
 
 
 def _load_mmdet_heads(detector: nn.Module, parts: Mapping[str, Tensor], where: str, num_classes: int) -> None:
@@ -248,7 +248,11 @@ def build_detection(cfg, num_classes: int, weights: bool = True):
     whole = detection_checkpoint(model_cfg.get("checkpoint")) if heads else None
     if whole is not None:  # the detector's own weights replace the backbone's initial ones below
         model_cfg = dict(model_cfg, checkpoint=None, pretrained=False)
-    mmdet = mmdet_checkpoint(model_cfg.get("checkpoint")) if heads and whole is None else None
+    mmdet = None
+    if heads and whole is None:
+        mmdet = mmdet_checkpoint(model_cfg.get("checkpoint"), ema=bool(model_cfg.get("checkpoint_ema")))
+    if mmdet is not None:  # its backbone.* part is loaded below, from the same read
+        model_cfg = dict(model_cfg, checkpoint=None, pretrained=False)
     detector, baseline = build_detector(
         model_cfg,
         cfg.method.name,
@@ -261,7 +265,12 @@ def build_detection(cfg, num_classes: int, weights: bool = True):
         weights=weights,
     )
     if mmdet is not None:
-        _load_mmdet_heads(detector, mmdet, str(cfg.model.checkpoint), num_classes)
+        from src.models.detector import mmdet_head_state_dict
+        from src.models.weights import load_weights
+
+        where = str(cfg.model.checkpoint)
+        load_weights(backbone_trunk(detector), mmdet, fresh_modules=True, source=where)  # the trunk's filter converts
+        _load_mmdet_heads(detector, mmdet_head_state_dict(mmdet), where, num_classes)
     module = DetectionModule(
         detector,
         optim=_plain(cfg.get("optim")),

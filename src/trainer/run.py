@@ -461,7 +461,7 @@ def summarise(
     best_ckpt: Optional[str],
     last_ckpt: Optional[str],
 ) -> Dict[str, Any]:
-    detection = not hasattr(module, "teacher")  # DetectionModule: scores from its metrics, no teacher
+    detection = is_detection(cfg)  # DetectionModule: scores from its metrics, no teacher
     scores = (
         module.summary_metrics(metrics)
         if detection
@@ -653,7 +653,7 @@ def _fit_and_summarise(cfg: DictConfig, module, dm, loggers: List[Any], baseline
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(resolved)
-    detection = baseline is not None
+    detection = is_detection(cfg)
     # profiled once, by the global rank 0 (the only one that writes the summary)
     prof: Dict[str, Any] = {}
     if cfg.get("profile", {}).get("enabled", True) and is_global_zero():

@@ -175,6 +175,13 @@ def weighted_merge(
 
 
 # --- dense maps (detection / segmentation heads) ---------------------------------------------------
+def _claims(x: Tensor, source: Tensor, p: int) -> Tuple[Tensor, Tensor]:
+    """(claimed (B, M0, 1) bool, features (B, M0, C)): whether a token claims each patch, and that token's
+    features in `x` (the rows of a dense pass's source map are disjoint: at most one token per patch)."""
+    claimed, owner = source[:, :, p:].max(dim=1)
+    return (claimed > 0).unsqueeze(-1), gather_tokens(x, owner)
+
+
 def record_removed(state: TokenState, x: Tensor, source: Optional[Tensor]) -> None:
     """After a hook of a dense pass; `x` and `source` are the tokens and the source map before it.
 
@@ -186,11 +193,9 @@ def record_removed(state: TokenState, x: Tensor, source: Optional[Tensor]) -> No
     removed (pruned, dropped, propagated, masked); for a claimed patch it is never read."""
     if source is None or state.source is source:
         return
-    p = state.num_protected
-    claimed, owner = source[:, :, p:].max(dim=1)  # (B, M0): a patch's claiming token (rows are disjoint)
-    feats = gather_tokens(x, owner)
+    claimed, feats = _claims(x, source, state.num_protected)
     old = state.removed if state.removed is not None else torch.zeros_like(feats)
-    state.removed = torch.where((claimed > 0).unsqueeze(-1), feats, old.to(feats.dtype))
+    state.removed = torch.where(claimed, feats, old.to(feats.dtype))
 
 
 def source_dense_map(state: TokenState) -> Tensor:
@@ -203,13 +208,12 @@ def source_dense_map(state: TokenState) -> Tensor:
         raise ValueError("source_dense_map needs the source map of a dense pass: forward_tokens(x, dense=True)")
     p = state.num_protected
     gh, gw = state.grid_size
-    src = state.source[:, :, p:]
-    if src.shape[-1] != gh * gw:
-        raise RuntimeError(f"the source map has {src.shape[-1]} patch columns for a {gh}x{gw} grid: no spatial map")
-    claimed, owner = src.max(dim=1)
-    out = gather_tokens(state.x, owner)  # (B, M0, C)
+    if state.source.shape[-1] - p != gh * gw:
+        columns = state.source.shape[-1] - p
+        raise RuntimeError(f"the source map has {columns} patch columns for a {gh}x{gw} grid: no spatial map")
+    claimed, out = _claims(state.x, state.source, p)  # out: (B, M0, C)
     if state.removed is not None:
-        out = torch.where((claimed > 0).unsqueeze(-1), out, state.removed.to(out.dtype))
+        out = torch.where(claimed, out, state.removed.to(out.dtype))
     return out.transpose(1, 2).reshape(out.shape[0], -1, gh, gw)
 
 
