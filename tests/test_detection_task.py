@@ -167,6 +167,7 @@ def test_validation_scores_in_the_files_pixels_and_perfect_predictions_score_100
         ("task.input_size=[800]", "task.input_size"),
         ("task.mask_threshold=1.5", "task.mask_threshold"),
         ("++task.head.roi_heads=htc", "task.head.roi_heads=htc is not a detector"),
+        ("task.checkpoint_heads=maybe", "task.checkpoint_heads=maybe must be true or false"),
         ("optim.sched=multistep +optim.decay_rate=2", "optim.decay_rate"),
     ],
 )
